@@ -1,0 +1,104 @@
+"""The whole CLIP (vision + text towers) behind one parameter tree, and its architecture record."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from genclip_jax.clip.text import TextTransformer
+from genclip_jax.clip.vision import VisionFeatures, VisionTransformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """Architecture of a CLIP checkpoint (what `weights.load` infers) plus run-time switches."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int
+    vision_width: int
+    vision_heads: int
+    vision_patch_size: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_heads: int
+    text_layers: int
+    dpam_start: int = 0
+    global_mode: str = "cls_no_ln_post"
+    compute_dtype: str = "float32"
+
+    @property
+    def grid(self) -> int:
+        """Side of the stored positional grid."""
+        return self.image_resolution // self.vision_patch_size
+
+    def replace(self, **changes: Any) -> CLIPConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def dtype_of(name: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"compute_dtype: expected one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class CLIP(nn.Module):
+    """Vision tower under `visual`, text tower under `text`."""
+
+    config: CLIPConfig
+
+    def setup(self):
+        c = self.config
+        dtype = dtype_of(c.compute_dtype)
+        self.visual = VisionTransformer(
+            width=c.vision_width, layers=c.vision_layers, heads=c.vision_heads,
+            patch_size=c.vision_patch_size, grid=c.grid, output_dim=c.embed_dim,
+            dpam_start=c.dpam_start, global_mode=c.global_mode, dtype=dtype,
+        )
+        self.text = TextTransformer(
+            width=c.text_width, layers=c.text_layers, heads=c.text_heads,
+            context_length=c.context_length, vocab_size=c.vocab_size, output_dim=c.embed_dim,
+            dtype=dtype,
+        )
+
+    def __call__(self, images: jax.Array, token_ids: jax.Array) -> tuple[VisionFeatures, jax.Array]:
+        """Runs both towers (used to create the parameters)."""
+        return self.encode_image(images, (self.config.vision_layers,)), self.encode_text(token_ids)
+
+    def encode_image(
+        self,
+        images: jax.Array,
+        patch_layers: Sequence[int] = (),
+        hidden_layers: Sequence[int] = (),
+    ) -> VisionFeatures:
+        return self.visual(images, tuple(patch_layers), tuple(hidden_layers))
+
+    def encode_text(self, token_ids: jax.Array) -> jax.Array:
+        return self.text(token_ids)
+
+    def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
+        return self.text.embed_tokens(token_ids)
+
+    def encode_text_embeddings(
+        self,
+        embeddings: jax.Array,
+        eot_index: jax.Array,
+        injections: Mapping[int, jax.Array] | None = None,
+    ) -> jax.Array:
+        return self.text.encode_embeddings(embeddings, eot_index, injections)
+
+
+def init_params(config: CLIPConfig, seed: int = 0) -> dict:
+    """Random parameters of the right shapes (tests, benchmarks, shape templates)."""
+    res = config.image_resolution
+    images = jnp.zeros((1, res, res, 3), jnp.float32)
+    ids = jnp.zeros((1, config.context_length), jnp.int32)
+    return CLIP(config).init(jax.random.PRNGKey(seed), images, ids)["params"]

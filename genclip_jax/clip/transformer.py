@@ -1,0 +1,117 @@
+"""The residual attention block shared by CLIP's vision and text towers.
+
+Parameter names follow OpenAI's state dict (`ln_1`, `attn.in_proj`, `attn.out_proj`, `ln_2`,
+`mlp.c_fc`, `mlp.c_proj`) so that checkpoint conversion is a rename plus transposes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation dtype (as OpenAI's subclass does)."""
+
+    epsilon: float = 1e-5
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """c_proj(quick_gelu(c_fc(x))) with a 4x hidden width."""
+
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(4 * self.width, dtype=self.dtype, name="c_fc")(x)
+        return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(quick_gelu(h))
+
+
+def multi_head_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False
+) -> jax.Array:
+    """Scaled dot-product attention over heads.
+
+    Args:
+      q, k, v: (B, N, H, d).
+      is_causal: mask out keys after each query (text tower).
+
+    Returns:
+      (B, N, H, d). Uses `jax.nn.dot_product_attention`, which picks cuDNN's fused kernel on GPU
+      when it can and the plain XLA path elsewhere.
+    """
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+class Attention(nn.Module):
+    """Packed-QKV multi-head attention with an optional V-V (DPAM) path.
+
+    The V-V path of AnomalyCLIP replaces q and k by v (softmax(v v^T / sqrt(d)) v) and shares the
+    output projection with the vanilla path.
+    """
+
+    width: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, is_causal: bool = False, with_vv: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Returns (vanilla output, V-V output or None); x is (B, N, width)."""
+        b, n, _ = x.shape
+        head_dim = self.width // self.heads
+        qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="in_proj")(x)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3 * self.heads, head_dim), 3, axis=2)
+        out_proj = nn.Dense(self.width, dtype=self.dtype, name="out_proj")
+        vanilla = out_proj(multi_head_attention(q, k, v, is_causal=is_causal).reshape(b, n, -1))
+        if not with_vv:
+            return vanilla, None
+        vv = out_proj(multi_head_attention(v, v, v).reshape(b, n, -1))
+        return vanilla, vv
+
+
+class ResidualBlock(nn.Module):
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)); in dual mode also advances the V-V stream."""
+
+    width: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        x_vv: jax.Array | None = None,
+        *,
+        is_causal: bool = False,
+        dual: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Args: x (B, N, C) vanilla stream; x_vv (B, N, C) V-V stream or None.
+
+        In dual mode the V-V stream gets only the V-V attention output (no MLP, no ln_2), and
+        starts from the vanilla input when `x_vv` is None (the first DPAM block). Attention input
+        is always ln_1 of the vanilla stream (AnomalyCLIP spec section 2.4).
+        """
+        attn_out, vv_out = Attention(self.width, self.heads, dtype=self.dtype, name="attn")(
+            LayerNorm(name="ln_1")(x), is_causal=is_causal, with_vv=dual
+        )
+        if dual:
+            x_vv = (x if x_vv is None else x_vv) + vv_out
+        x = x + attn_out
+        x = x + MLP(self.width, dtype=self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
+        return x, x_vv

@@ -1,0 +1,154 @@
+"""CLIP's vision tower with AnomalyCLIP's DPAM (V-V attention) dual path and layer taps.
+
+Layers are 1-indexed residual blocks, as in AnomalyCLIP's `features_list`. Blocks
+`dpam_start..layers` run both the vanilla attention and the V-V attention; the vanilla stream is
+exactly standard CLIP, the V-V stream feeds the anomaly maps (AnomalyCLIP spec sections 2.3-2.5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from genclip_jax.clip.transformer import LayerNorm, ResidualBlock
+
+Dtype = Any
+
+GLOBAL_MODES = ("cls_no_ln_post", "clip")
+
+
+@flax.struct.dataclass
+class VisionFeatures:
+    """What one vision forward returns.
+
+    global_feature: (B, D) image embedding (see `VisionTransformer.global_mode`).
+    patch_tokens: (L, B, N, D) `ln_post(tokens) @ proj` at each requested patch layer, CLS row
+      included (N = 1 + h*w); tokens come from the V-V stream at DPAM layers, else the vanilla one.
+    hidden: (L', B, N, C) raw vanilla residual stream at each requested hidden layer (for GenCLIP's
+      multi-layer vision prompts); empty leading axis when none was requested.
+    """
+
+    global_feature: jax.Array
+    patch_tokens: jax.Array
+    hidden: jax.Array
+
+
+def resize_positional_embedding(pos: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Resizes a (1 + g*g, C) CLIP positional table to a (1 + h*w, C) one.
+
+    Bilinear with half-pixel centres (torch `interpolate(..., align_corners=False)`), the CLS row
+    kept as it is: 24x24 -> 37x37 for ViT-L/14-336 run at 518.
+    """
+    n, c = pos.shape
+    side = math.isqrt(n - 1)
+    if side * side != n - 1:
+        raise ValueError(
+            f"positional_embedding: expected 1 + g*g rows for a square grid, got {n} rows"
+        )
+    if (side, side) == tuple(grid):
+        return pos
+    table = pos[1:].reshape(side, side, c)
+    resized = jax.image.resize(table, (*grid, c), method="linear", antialias=False)
+    return jnp.concatenate([pos[:1], resized.reshape(-1, c).astype(pos.dtype)], axis=0)
+
+
+def _check_layers(name: str, layers: Sequence[int], depth: int) -> None:
+    bad = [layer for layer in layers if not 1 <= layer <= depth]
+    if bad:
+        raise ValueError(f"{name}: layers are 1-indexed blocks in [1, {depth}], got {list(layers)}")
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patch conv, CLS, positional embedding (resized to the input), ln_pre, blocks, ln_post.
+
+    Attributes:
+      width, layers, heads, patch_size: architecture.
+      grid: side of the stored positional grid (24 for ViT-L/14-336).
+      output_dim: size of the joint embedding (`proj` is (width, output_dim)).
+      dpam_start: first 1-indexed block with the V-V path; 0 turns DPAM off.
+      global_mode: "cls_no_ln_post" = vanilla CLS @ proj without ln_post (AnomalyCLIP);
+        "clip" = ln_post(CLS) @ proj (standard CLIP).
+      dtype: compute dtype of the matmuls (parameters stay float32).
+    """
+
+    width: int
+    layers: int
+    heads: int
+    patch_size: int
+    grid: int
+    output_dim: int
+    dpam_start: int = 0
+    global_mode: str = "cls_no_ln_post"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        images: jax.Array,
+        patch_layers: Sequence[int] = (),
+        hidden_layers: Sequence[int] = (),
+    ) -> VisionFeatures:
+        """Encodes normalised images (B, H, W, 3); H and W multiples of `patch_size`."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: expected shape (B, H, W, 3), got {tuple(images.shape)}")
+        _, h, w, _ = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"images: height and width must be multiples of the patch size {p}, got {h}x{w}"
+            )
+        if self.global_mode not in GLOBAL_MODES:
+            raise ValueError(f"global_mode: expected one of {GLOBAL_MODES}, got {self.global_mode!r}")
+        _check_layers("patch_layers", patch_layers, self.layers)
+        _check_layers("hidden_layers", hidden_layers, self.layers)
+
+        x = nn.Conv(
+            self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+            dtype=self.dtype, name="conv1",
+        )(images.astype(self.dtype))
+        b, gh, gw, _ = x.shape
+        x = x.reshape(b, gh * gw, self.width)
+        cls = self.param("class_embedding", nn.initializers.normal(self.width**-0.5), (self.width,))
+        pos = self.param(
+            "positional_embedding",
+            nn.initializers.normal(self.width**-0.5),
+            (self.grid * self.grid + 1, self.width),
+        )
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], 1)
+        x = x + resize_positional_embedding(pos, (gh, gw)).astype(x.dtype)
+        x = LayerNorm(name="ln_pre")(x)
+
+        taps, hidden = {}, {}
+        x_vv = None
+        for layer in range(1, self.layers + 1):
+            dual = 0 < self.dpam_start <= layer
+            x, x_vv = ResidualBlock(
+                self.width, self.heads, dtype=self.dtype, name=f"resblocks_{layer - 1}"
+            )(x, x_vv, dual=dual)
+            if layer in patch_layers:
+                taps[layer] = x_vv if dual else x
+            if layer in hidden_layers:
+                hidden[layer] = x
+
+        ln_post = LayerNorm(name="ln_post")
+        proj = self.param(
+            "proj", nn.initializers.normal(self.width**-0.5), (self.width, self.output_dim)
+        ).astype(self.dtype)
+        # ln_post runs on the CLS row in both modes so that the parameter tree never depends on it.
+        cls_ln = ln_post(x[:, 0])
+        global_feature = (cls_ln if self.global_mode == "clip" else x[:, 0]) @ proj
+        if patch_layers:
+            patch_tokens = jnp.stack([ln_post(taps[layer]) @ proj for layer in patch_layers])
+        else:
+            patch_tokens = jnp.zeros((0, b, x.shape[1], self.output_dim), x.dtype)
+        if hidden_layers:
+            hidden_states = jnp.stack([hidden[layer] for layer in hidden_layers])
+        else:
+            hidden_states = jnp.zeros((0, b, x.shape[1], self.width), x.dtype)
+        return VisionFeatures(global_feature, patch_tokens, hidden_states)

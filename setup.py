@@ -1,0 +1,43 @@
+"""Installs genclip_jax: CLIP-based zero-shot anomaly detection (AnomalyCLIP, GenCLIP) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="genclip_jax",
+    version="0.1.0",
+    description="JAX/Flax zero-shot anomaly detection with CLIP: AnomalyCLIP and GenCLIP.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["genclip_jax", "genclip_jax.*"]),
+    package_data={"genclip_jax.clip": ["*.txt.gz", "LICENSE-*"]},
+    install_requires=[
+        "jax>=0.4.35,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.3,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=0.1.1,<2",
+        "clu>=0.0.12,<0.1",
+        "absl-py>=2",
+        "numpy>=1.26,<3",
+        "scipy>=1.11",
+        "scikit-image>=0.22",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "transformers>=4.40,<6",
+        "tensorflow-datasets>=4.9.4,<5",
+        "array-record>=0.5",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "scikit-learn>=1.3",
+            "torch>=2.4",
+        ],
+    },
+    entry_points={"console_scripts": ["genclip-jax=genclip_jax.cli:run"]},
+)
