@@ -44,6 +44,23 @@ class CLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _openai(embed, res, v_layers, v_width, patch, t_width) -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=embed, image_resolution=res, vision_layers=v_layers, vision_width=v_width,
+        vision_heads=v_width // 64, vision_patch_size=patch, context_length=77, vocab_size=49408,
+        text_width=t_width, text_heads=t_width // 64, text_layers=12,
+    )
+
+
+# The published OpenAI architectures (shapes only: for benchmarks and shape checks).
+ARCHITECTURES = {
+    "ViT-B/32": _openai(512, 224, 12, 768, 32, 512),
+    "ViT-B/16": _openai(512, 224, 12, 768, 16, 512),
+    "ViT-L/14": _openai(768, 224, 24, 1024, 14, 768),
+    "ViT-L/14@336px": _openai(768, 336, 24, 1024, 14, 768),
+}
+
+
 def dtype_of(name: str) -> Any:
     if name not in DTYPES:
         raise ValueError(f"compute_dtype: expected one of {sorted(DTYPES)}, got {name!r}")
@@ -101,4 +118,5 @@ def init_params(config: CLIPConfig, seed: int = 0) -> dict:
     res = config.image_resolution
     images = jnp.zeros((1, res, res, 3), jnp.float32)
     ids = jnp.zeros((1, config.context_length), jnp.int32)
-    return CLIP(config).init(jax.random.PRNGKey(seed), images, ids)["params"]
+    init = jax.jit(lambda key: CLIP(config).init(key, images, ids)["params"])
+    return init(jax.random.PRNGKey(seed))

@@ -30,13 +30,14 @@ class VisionFeatures:
     global_feature: (B, D) image embedding (see `VisionTransformer.global_mode`).
     patch_tokens: (L, B, N, D) `ln_post(tokens) @ proj` at each requested patch layer, CLS row
       included (N = 1 + h*w); tokens come from the V-V stream at DPAM layers, else the vanilla one.
-    hidden: (L', B, N, C) raw vanilla residual stream at each requested hidden layer (for GenCLIP's
-      multi-layer vision prompts); empty leading axis when none was requested.
+    hidden_mean: (L', B, C) mean over all tokens (CLS included) of the raw vanilla residual stream
+      at each requested hidden layer: the input of GenCLIP's multi-layer vision prompts. Only the
+      mean is kept, so cached features stay small. Empty leading axis when none was requested.
     """
 
     global_feature: jax.Array
     patch_tokens: jax.Array
-    hidden: jax.Array
+    hidden_mean: jax.Array
 
 
 def resize_positional_embedding(pos: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -134,7 +135,7 @@ class VisionTransformer(nn.Module):
             if layer in patch_layers:
                 taps[layer] = x_vv if dual else x
             if layer in hidden_layers:
-                hidden[layer] = x
+                hidden[layer] = x.mean(axis=1)
 
         ln_post = LayerNorm(name="ln_post")
         proj = self.param(
@@ -148,7 +149,7 @@ class VisionTransformer(nn.Module):
         else:
             patch_tokens = jnp.zeros((0, b, x.shape[1], self.output_dim), x.dtype)
         if hidden_layers:
-            hidden_states = jnp.stack([hidden[layer] for layer in hidden_layers])
+            hidden_mean = jnp.stack([hidden[layer] for layer in hidden_layers])
         else:
-            hidden_states = jnp.zeros((0, b, x.shape[1], self.width), x.dtype)
-        return VisionFeatures(global_feature, patch_tokens, hidden_states)
+            hidden_mean = jnp.zeros((0, b, self.width), x.dtype)
+        return VisionFeatures(global_feature, patch_tokens, hidden_mean)

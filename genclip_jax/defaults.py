@@ -1,0 +1,109 @@
+"""Every knob of the project with its default: the config files in `configs/` start from here.
+
+Defaults reproduce the official AnomalyCLIP recipe (spec section 0); GenCLIP's unknowns carry the
+reconstruction's defaults (genclip spec section 11). Any field can be overridden on the command line
+(`--config.train.lr=3e-4`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MVTEC_CLASSES = (
+    "carpet", "bottle", "hazelnut", "leather", "cable", "capsule", "grid", "pill", "transistor",
+    "metal_nut", "screw", "toothbrush", "zipper", "tile", "wood",
+)
+VISA_CLASSES = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
+    "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)
+
+
+def tiny_backbone() -> ml_collections.ConfigDict:
+    """A small random CLIP with the real structure (24 vision layers, DPAM 6..24)."""
+    return ml_collections.ConfigDict({
+        "embed_dim": 32, "image_resolution": 56, "vision_layers": 24, "vision_width": 64,
+        "vision_heads": 4, "vision_patch_size": 14, "context_length": 77, "vocab_size": 49408,
+        "text_width": 32, "text_heads": 4, "text_layers": 12,
+    })
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "anomalyclip"  # or "genclip"
+    c.workdir = ""
+
+    # Frozen CLIP backbone.
+    c.model = ml_collections.ConfigDict()
+    # HF id or directory, OpenAI .pt or name, .npz of OpenAI-named arrays, or "random" (uses
+    # model.random_arch: offline demo and tests).
+    c.model.clip = "openai/clip-vit-large-patch14-336"
+    c.model.random_arch = tiny_backbone()
+    c.model.random_seed = 0
+    c.model.npz_prefix = ""
+    c.model.vision_heads = 0  # 0: from the checkpoint's config, else width // 64
+    c.model.text_heads = 0
+    c.model.dpam_start = 6  # first 1-indexed block with the V-V path; 0 = off
+    c.model.global_mode = "cls_no_ln_post"  # or "clip" (ln_post CLS)
+    c.model.compute_dtype = "float32"  # or "bfloat16" for speed
+    c.model.image_size = 518
+
+    # Text prompt templates and learnable prompt sizes.
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.n_ctx = 12
+    c.prompts.deep_depth = 9  # layer 1 via the ctx tokens, layers 2..9 via deep prompts
+    c.prompts.deep_length = 4
+    c.prompts.init_std = 0.02
+    c.prompts.fp16_deep_prompts = True  # the reference rounds deep prompts to float16
+    c.prompts.class_word = "object"
+    c.prompts.normal_state = "{}"
+    c.prompts.abnormal_state = "damaged {}"
+
+    c.anomalyclip = ml_collections.ConfigDict()
+    c.anomalyclip.features_list = [24]  # the paper setting (spec section 10.1)
+    c.anomalyclip.temperature = 0.07
+    c.anomalyclip.local_loss_weight = 4.0
+    c.anomalyclip.map_reduce = "sum"
+    c.anomalyclip.sigma = 4.0
+
+    # Data: meta.json datasets (AnomalyCLIP/AdaCLIP format).
+    c.data = ml_collections.ConfigDict()
+    c.data.train_root = ""
+    c.data.train_split = "test"  # the official recipe trains on the auxiliary set's test split
+    c.data.train_classes = ()  # empty: all classes of meta.json
+    c.data.test_root = ""
+    c.data.test_split = "test"
+    c.data.test_classes = ()
+    c.data.prefetch = 2
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 15
+    c.train.batch_size = 8
+    c.train.lr = 1e-3
+    c.train.b1 = 0.5
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.seed = 111
+    c.train.shuffle = True
+    c.train.cache_features = False  # compute the frozen vision taps once, reuse every epoch
+    c.train.checkpoint_keep = 3
+    c.train.log_every_steps = 10
+    c.train.progress = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 8
+    c.eval.aupro_mode = "reference"  # or "exact"
+    c.eval.metrics = [
+        "pixel_auroc", "pixel_aupro", "image_auroc", "image_ap", "pixel_ap", "pixel_f1_max",
+        "image_f1_max",
+    ]
+    c.eval.heatmaps_per_class = 4
+    c.eval.params = ""  # params-only checkpoint dir (convert output); empty: latest in workdir
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.multihost = False  # call jax.distributed.initialize()
+    c.parallel.coordinator_address = ""
+    c.parallel.num_processes = 0
+    c.parallel.process_id = -1
+    c.parallel.initialization_timeout = 300
+    return c
