@@ -1,4 +1,6 @@
-"""Installs genclip_jax: CLIP-based zero-shot anomaly detection (AnomalyCLIP, GenCLIP) in JAX/Flax."""
+"""Installs genclip_jax: CLIP zero-shot anomaly detection (AnomalyCLIP, GenCLIP) in JAX/Flax."""
+
+import pathlib
 
 from setuptools import find_packages, setup
 
@@ -6,7 +8,7 @@ setup(
     name="genclip_jax",
     version="0.1.0",
     description="JAX/Flax zero-shot anomaly detection with CLIP: AnomalyCLIP and GenCLIP.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["genclip_jax", "genclip_jax.*"]),

@@ -10,6 +10,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import pathlib  # noqa: E402
+import pathlib
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"

@@ -32,7 +32,7 @@ def _run(fixture_path, key):
 @parametrize_fixtures
 @pytest.mark.parametrize("key", FEATURE_KEYS)
 def test_maps_and_scores(fixture_path, key):
-    ref, method, out, upsampled, pred, _, _ = _run(fixture_path, key)
+    ref, _, out, upsampled, pred, _, _ = _run(fixture_path, key)
     assert_close(out["probs"], ref[f"out.{key}.sim37"], f"{key} sim37")
     if f"out.{key}.map518" in ref:
         assert_close(upsampled[-1], ref[f"out.{key}.map518"], f"{key} map518")

@@ -21,7 +21,7 @@ def _encode(method, clip_params, images, layers):
 @parametrize_fixtures
 def test_positional_embedding_resize(fixture_path):
     ref = load_fixture(fixture_path)
-    method, clip_params = fixture_method(fixture_path)
+    _, clip_params = fixture_method(fixture_path)
     side = load_sidecar(fixture_path)["config"]["grid_run"]
     got = resize_positional_embedding(clip_params["visual"]["positional_embedding"], (side, side))
     assert_close(got, ref["aux.visual_positional_embedding_resized"], "pos-emb resize")

@@ -105,7 +105,9 @@ class VisionTransformer(nn.Module):
                 f"images: height and width must be multiples of the patch size {p}, got {h}x{w}"
             )
         if self.global_mode not in GLOBAL_MODES:
-            raise ValueError(f"global_mode: expected one of {GLOBAL_MODES}, got {self.global_mode!r}")
+            raise ValueError(
+                f"global_mode: expected one of {GLOBAL_MODES}, got {self.global_mode!r}"
+            )
         _check_layers("patch_layers", patch_layers, self.layers)
         _check_layers("hidden_layers", hidden_layers, self.layers)
 
