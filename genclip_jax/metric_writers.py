@@ -1,0 +1,208 @@
+"""Metric writers with `clu.metric_writers`' method names, without TensorFlow.
+
+`clu.metric_writers` imports TensorFlow (DESIGN §6), so TensorBoard events are written with
+`tensorboardX` instead. Training code calls ``writer.write_scalars(step, {...})`` exactly as with
+clu; `create_default_writer` mirrors clu's factory (TensorBoard + console on process 0, nothing on
+the other processes of a multi-host run).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorboardX
+from absl import logging
+from tensorboardX import summary as tbx_summary
+
+Scalar = int | float | np.number | np.ndarray | jax.Array
+
+
+def _image_batch(name: str, image: Any) -> np.ndarray:
+    """(H, W, C) or (N, H, W, C) -> (N, H, W, C); C must be 1, 3 or 4 (gray, RGB, RGBA)."""
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"image {name!r} must have shape (H, W, C) or (N, H, W, C) with C in 1, 3, 4; "
+            f"got {np.shape(image)}"
+        )
+    return array
+
+
+def _flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested hparams -> ``{"a.b": value}`` with bool/int/float/str values (others as str)."""
+    flat: dict[str, Any] = {}
+    for key, value in hparams.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten_hparams(value, name + "."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class MetricWriter(abc.ABC):
+    """The subset of clu's `MetricWriter` interface this project uses."""
+
+    @abc.abstractmethod
+    def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
+        """Write scalar values (Python/numpy/0-d jax) for `step`."""
+
+    @abc.abstractmethod
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """Write images, each (H, W, C) or (N, H, W, C): uint8 in [0, 255] or float in [0, 1]."""
+
+    @abc.abstractmethod
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Write text (markdown in TensorBoard) for `step`."""
+
+    @abc.abstractmethod
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Write the run's hyper-parameters once (nested mappings are flattened with dots)."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Push buffered output to its destination."""
+
+    def close(self) -> None:
+        """Flush and release resources; the writer must not be used afterwards."""
+        self.flush()
+
+
+class TensorBoardWriter(MetricWriter):
+    """TensorBoard event files under `logdir`, written by tensorboardX (no TensorFlow)."""
+
+    def __init__(self, logdir: str | os.PathLike) -> None:
+        self.logdir = os.fspath(logdir)
+        self._writer = tensorboardX.SummaryWriter(logdir=self.logdir)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
+        for key, value in scalars.items():
+            self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        for key, image in images.items():
+            batch = _image_batch(key, image)
+            if batch.dtype != np.uint8:  # tensorboardX scales floats by 255 without clipping
+                batch = np.clip(batch.astype(np.float32), 0.0, 1.0)
+            self._writer.add_images(key, batch, global_step=step, dataformats="NHWC")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for key, text in texts.items():
+            self._writer.add_text(key, text, global_step=step)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        # tensorboardX's add_hparams opens a new sub-run; write into this run like clu does.
+        for event in tbx_summary.hparams(_flatten_hparams(hparams), {}):
+            self._writer.file_writer.add_summary(event)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class LoggingWriter(MetricWriter):
+    """One absl INFO line per call, e.g. ``step 12 | loss=0.1234 image_loss=0.5``.
+
+    Visible under `absl.app.run` (as in the CLI); absl hides INFO before flags are parsed.
+    """
+
+    def __init__(self, collection: str | None = None) -> None:
+        self._prefix = f"[{collection}] " if collection else ""
+
+    def _log(self, step: int | None, body: str) -> None:
+        where = "" if step is None else f"step {step} | "
+        logging.info("%s%s%s", self._prefix, where, body)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
+        values = " ".join(f"{k}={float(np.asarray(v)):.6g}" for k, v in scalars.items())
+        self._log(step, values)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        shapes = " ".join(f"{k}={tuple(np.shape(v))}" for k, v in images.items())
+        self._log(step, f"images {shapes}")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for key, text in texts.items():
+            self._log(step, f"{key}: {text}")
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        flat = _flatten_hparams(hparams)
+        self._log(None, "hparams " + " ".join(f"{k}={v}" for k, v in sorted(flat.items())))
+
+
+class NoOpWriter(MetricWriter):
+    """Discards everything: the writer of non-zero processes, so only process 0 reports."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
+        del step, scalars
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        del step, images
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        del step, texts
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        del hparams
+
+
+class MultiWriter(MetricWriter):
+    """Sends every call to each of `writers`, in order."""
+
+    def __init__(self, writers: Sequence[MetricWriter]) -> None:
+        self.writers = tuple(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
+        for writer in self.writers:
+            writer.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        for writer in self.writers:
+            writer.write_images(step, images)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for writer in self.writers:
+            writer.write_texts(step, texts)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        for writer in self.writers:
+            writer.write_hparams(hparams)
+
+    def flush(self) -> None:
+        for writer in self.writers:
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def create_default_writer(
+    logdir: str | os.PathLike | None = None,
+    *,
+    just_logging: bool = False,
+    collection: str | None = None,
+) -> MetricWriter:
+    """Console + TensorBoard (under ``logdir[/collection]``) on process 0, a no-op elsewhere.
+
+    Mirrors `clu.metric_writers.create_default_writer`: `just_logging` (or no `logdir`) gives the
+    console only; `collection` (e.g. "train", "eval") names a TensorBoard sub-run and prefixes the
+    console lines.
+    """
+    if jax.process_index() != 0:
+        return NoOpWriter()
+    console = LoggingWriter(collection)
+    if just_logging or logdir is None:
+        return console
+    tb_dir = os.path.join(logdir, collection) if collection else os.fspath(logdir)
+    return MultiWriter([console, TensorBoardWriter(tb_dir)])
