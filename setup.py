@@ -30,6 +30,7 @@ setup(
         "transformers>=4.40,<6",
         "tensorflow-datasets>=4.9.4,<5",
         "array-record>=0.5",
+        "importlib_resources>=5",  # tensorflow-datasets imports it on every Python
         "tensorboardX>=2.6",
         "tqdm>=4.60",
     ],

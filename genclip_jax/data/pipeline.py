@@ -1,0 +1,409 @@
+"""Host input pipeline: decode with PIL, resize/normalise exactly as the reference, batch, shard.
+
+Transforms (specs §1): image -> PIL `resize((S, S), BICUBIC)` in its own mode -> RGB -> /255 ->
+CLIP mean/std; mask -> 'L' 0/255 from `mask > 0` -> `resize((S, S), BILINEAR)` -> /255 -> `> 0.5`.
+Both done with PIL on the host so maps match the PyTorch reference bit for bit.
+
+Input rules (each violation raises an error naming the file):
+  * an image that does not decode fully (corrupt, truncated, not an image) -> ValueError;
+  * a listed file that is missing -> FileNotFoundError;
+  * masks: after conversion to 'L' every pixel > 0 is defect, as in the reference, so
+    antialiased, JPEG-noisy or instance-labelled masks all work; a mask stored in colour (RGB/RGBA
+    whose channels differ: usually a photo given as mask by mistake) is an error, as is a mask
+    whose size differs from its image's (the reference would silently stretch it).
+  * 16-bit/32-bit integer images are scaled to 8 bits (x / 257) first; the reference's PIL
+    conversion would clip them to 255 (an all-white image). All 8-bit modes follow the reference.
+
+Batches (dicts of numpy arrays, leading axis = this host's rows):
+  image (b, S, S, 3) float32, mask (b, S, S) float32 in {0, 1}, label (b,) int32, valid (b,) bool,
+  index (b,) int32 (position in the dataset, -1 for padding), cls_name / specie_name / img_path
+  (b,) str. The global batch of `batch_size` rows is split over hosts, host h taking rows
+  [h*b, (h+1)*b) with b = batch_size / process_count, so the union over hosts of one step is the
+  single-host global batch. The last batch is padded (zero image, valid=False), never dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import os
+import pathlib
+import queue
+import threading
+import warnings
+from collections.abc import Callable, Generator, Iterator, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from genclip_jax.data import meta as meta_lib
+
+CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+DEFAULT_IMAGE_SIZE = 518
+_WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding and transforms.
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Fully decodes `data` (so truncation is caught here, not in a worker later)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+    return image
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Reads and decodes an image file; errors name the file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found")
+    return decode_image(path.read_bytes(), str(path))
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    if image.mode not in _WIDE_INTEGER_MODES:
+        return image
+    scaled = np.clip(np.asarray(image, np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8))
+
+
+def mask_array(mask: Image.Image, name: str) -> np.ndarray:
+    """(H, W) bool defect mask: every pixel > 0 after conversion to 'L' (the reference rule)."""
+    if mask.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(mask.convert("RGB"))
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+            raise ValueError(
+                f"{name}: mask is a colour image (RGB channels differ); expected a grayscale or "
+                "binary mask (0 = normal, > 0 = defect)"
+            )
+    if mask.mode in _WIDE_INTEGER_MODES:
+        return np.asarray(mask) > 0
+    return np.asarray(mask.convert("L")) > 0
+
+
+@functools.lru_cache(maxsize=4)
+def _flat_mean_std(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    # Tiled to the flat image: numpy broadcasting over a last axis of 3 is ~15x slower.
+    pixels = image_size * image_size
+    return np.tile(CLIP_MEAN, pixels), np.tile(CLIP_STD, pixels)
+
+
+def image_transform(image: Image.Image, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """(S, S, 3) float32 CLIP-normalised image: PIL BICUBIC resize in the source mode, then RGB.
+
+    Same float32 operations in the same order as torch's ToTensor + Normalize: bit-identical.
+    """
+    resized = _to_8bit(image).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
+    mean, std = _flat_mean_std(image_size)
+    x = np.array(resized, np.float32).reshape(-1)
+    x /= np.float32(255)
+    x -= mean
+    x /= std
+    return x.reshape(image_size, image_size, 3)
+
+
+def mask_transform(mask: np.ndarray | None, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """(S, S) float32 {0, 1} mask: 'L' 0/255 -> PIL BILINEAR resize -> /255 -> > 0.5."""
+    if mask is None:
+        return np.zeros((image_size, image_size), np.float32)
+    as_l = Image.fromarray(mask.astype(np.uint8) * 255)
+    resized = np.asarray(as_l.resize((image_size, image_size), Image.BILINEAR))
+    return (resized > 127).astype(np.float32)  # uint8 v: v / 255 > 0.5 <=> v > 127
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets.
+
+
+@dataclasses.dataclass(frozen=True)
+class RawSample:
+    """A decoded, untransformed sample. `mask` None = no defect pixels; `label` -1 = unknown."""
+
+    image: Image.Image
+    mask: np.ndarray | None
+    label: int
+    cls_name: str
+    specie_name: str
+    img_path: str
+
+
+class Dataset:
+    """Random-access samples; `load(i, image_size)` returns sample i transformed."""
+
+    def __init__(self, size: int, read: Callable[[int], RawSample]):
+        self._size = size
+        self._read = read
+
+    @classmethod
+    def from_entries(cls, root: str | os.PathLike, entries: Sequence[dict]) -> Dataset:
+        """From meta.json entries (paths relative to `root`); masks read when anomaly == 1."""
+        root = pathlib.Path(root)
+        entries = list(entries)
+
+        def read(i: int) -> RawSample:
+            entry = entries[i]
+            image = read_image(root / entry["img_path"])
+            mask = None
+            if entry["anomaly"] == 1 and entry["mask_path"]:
+                mask_path = root / entry["mask_path"]
+                mask = mask_array(read_image(mask_path), str(mask_path))
+                if mask.shape != (image.height, image.width):
+                    raise ValueError(
+                        f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs "
+                        f"from its image {entry['img_path']} size {image.width}x{image.height}"
+                    )
+            return RawSample(
+                image,
+                mask,
+                entry["anomaly"],
+                entry["cls_name"],
+                entry["specie_name"],
+                entry["img_path"],
+            )
+
+        return cls(len(entries), read)
+
+    @classmethod
+    def from_meta(
+        cls,
+        root: str | os.PathLike,
+        split: str = "test",
+        classes: Sequence[str] | None = None,
+        meta_path: str | os.PathLike | None = None,
+    ) -> Dataset:
+        """The reference Dataset: `meta[split]` classes in key order (`classes` filters).
+
+        Every listed file is checked up front: a missing one fails now, not hours into a run.
+        """
+        meta_path = pathlib.Path(root) / "meta.json" if meta_path is None else meta_path
+        meta = meta_lib.read_meta(meta_path, root=root, check_files=True)
+        return cls.from_entries(root, meta_lib.split_entries(meta, split, classes))
+
+    @classmethod
+    def from_tfds(cls, source: Sequence[dict]) -> Dataset:
+        """From a TFDS source of our builders with undecoded images (from
+        `genclip_jax.data.tfds.builders.data_source`): PIL decodes the original bytes as above."""
+
+        def read(i: int) -> RawSample:
+            ex = source[i]
+            name = _text(ex["img_path"])
+            mask = mask_array(decode_image(ex["mask"], f"{name} (mask)"), f"{name} (mask)")
+            return RawSample(
+                decode_image(ex["image"], name),
+                mask,
+                int(ex["label"]),
+                _text(ex["cls_name"]),
+                _text(ex["specie_name"]),
+                name,
+            )
+
+        return cls(len(source), read)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, i: int) -> RawSample:
+        """Sample i decoded, not transformed."""
+        if not 0 <= i < self._size:
+            raise IndexError(f"sample index {i} out of range [0, {self._size})")
+        return self._read(i)
+
+    def load(self, i: int, image_size: int = DEFAULT_IMAGE_SIZE) -> dict:
+        """Sample i transformed: image (S, S, 3), mask (S, S), label, and its metadata."""
+        raw = self.read(i)
+        return {
+            "image": image_transform(raw.image, image_size),
+            "mask": mask_transform(raw.mask, image_size),
+            "label": raw.label,
+            "cls_name": raw.cls_name,
+            "specie_name": raw.specie_name,
+            "img_path": raw.img_path,
+        }
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def image_folder_dataset(folder: str | os.PathLike) -> Dataset:
+    """Every decodable image under `folder` (recursive, sorted) with label -1, for `predict`.
+
+    Files that do not decode (not images, corrupt, truncated) are skipped with ONE warning listing
+    them: a stray README must not stop a run over thousands of images.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} not found")
+    entries, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        try:
+            read_image(path)
+        except ValueError:
+            skipped.append(rel)
+            continue
+        entries.append(
+            {"img_path": rel, "mask_path": "", "cls_name": "", "specie_name": "", "anomaly": -1}
+        )
+    if skipped:
+        warnings.warn(
+            f"{folder}: skipped {len(skipped)} file(s) that are not readable images: {skipped}",
+            stacklevel=2,
+        )
+    if not entries:
+        raise ValueError(f"{folder}: expected at least one readable image, found none")
+    return Dataset.from_entries(folder, entries)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching, sharding, prefetch.
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Global batches per epoch: the last partial one is padded, never dropped."""
+    return -(-n // batch_size)
+
+
+def host_batch_indices(
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
+    """(num_batches, batch_size / process_count) int32 dataset indices of this host, -1 = padding.
+
+    The order depends only on (n, seed, epoch, shuffle), never on the host, so the union of the
+    hosts' rows of a step is the single-host global batch.
+    """
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of process_count {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    ).astype(np.int32)
+    padded = np.full(num_batches(n, batch_size) * batch_size, -1, np.int32)
+    padded[:n] = order
+    rows = batch_size // process_count
+    return padded.reshape(-1, batch_size)[:, process_index * rows : (process_index + 1) * rows]
+
+
+def _collate(samples: list[dict | None], indices: np.ndarray, image_size: int) -> dict:
+    """Stacks samples; a None sample is padding (zeros, valid=False)."""
+    b = len(samples)
+    batch = {
+        "image": np.zeros((b, image_size, image_size, 3), np.float32),
+        "mask": np.zeros((b, image_size, image_size), np.float32),
+        "label": np.zeros((b,), np.int32),
+        "valid": np.array([s is not None for s in samples]),
+        "index": indices.astype(np.int32),
+    }
+    for r, s in enumerate(samples):
+        if s is not None:
+            for key in ("image", "mask", "label"):
+                batch[key][r] = s[key]
+    for key in ("cls_name", "specie_name", "img_path"):
+        batch[key] = np.array([s[key] if s is not None else "" for s in samples], dtype=object)
+    return batch
+
+
+_END = object()
+
+
+@dataclasses.dataclass
+class _Failure:
+    error: BaseException
+
+
+def _prefetch(items: Generator, size: int) -> Iterator:
+    """Runs `items` in a background thread, up to `size` ahead; errors re-raise in the caller."""
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # handed over to the consumer thread
+            put(_Failure(e))
+        finally:
+            items.close()  # shuts the decode pool down when the consumer stops early
+
+    thread = threading.Thread(target=work, name="genclip-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not _END:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    num_threads: int | None = None,
+) -> Iterator[dict]:
+    """This host's batches of one epoch (see the module docstring for keys and sharding).
+
+    `batch_size` is the global batch; host defaults come from jax.process_index/count. Decoding
+    runs on `num_threads` threads (PIL releases the GIL) and `prefetch` batches are prepared
+    ahead in a background thread (0 = synchronous) so the accelerator does not wait on PIL.
+    """
+    plan = host_batch_indices(
+        len(dataset),
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count,
+    )
+    workers = num_threads or min(8, os.cpu_count() or 1)
+
+    def load(i: int) -> dict | None:
+        return dataset.load(int(i), image_size) if i >= 0 else None
+
+    def produce() -> Generator[dict, None, None]:
+        with concurrent.futures.ThreadPoolExecutor(workers, "genclip-decode") as pool:
+            for indices in plan:
+                yield _collate(list(pool.map(load, indices)), indices, image_size)
+
+    return _prefetch(produce(), prefetch) if prefetch > 0 else produce()

@@ -1,0 +1,275 @@
+"""Input pipeline: exact PIL transforms, image modes, bad inputs, batching, sharding, prefetch."""
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genclip_jax.data import pipeline, synthetic
+
+S = 32  # output size used in these tests
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.write_synthetic_dataset(
+        root,
+        classes=("disc", "stripes"),
+        defects=("spot", "crack"),
+        image_size=48,
+        n_train_good=1,
+        n_test_good=2,
+        n_test_defect_per_type=1,
+    )  # 2 classes x 4 test images
+    return root
+
+
+def _reference(image_path, mask_path, size):
+    """specs §1 written out with PIL and torch's ToTensor/Normalize arithmetic."""
+    torch = pytest.importorskip("torch")
+    image = Image.open(image_path).resize((size, size), Image.BICUBIC).convert("RGB")
+    t = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(pipeline.CLIP_MEAN.tolist())[:, None, None]
+    std = torch.tensor(pipeline.CLIP_STD.tolist())[:, None, None]
+    t = t.sub(mean).div(std)
+    if mask_path is None:
+        mask = np.zeros((size, size), np.float32)
+    else:
+        m = np.asarray(Image.open(mask_path).convert("L")) > 0
+        m = Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+        m = torch.from_numpy(np.asarray(m).copy()).float().div(255)
+        mask = np.where(m.numpy() > 0.5, 1.0, 0.0).astype(np.float32)
+    return t.permute(1, 2, 0).numpy(), mask
+
+
+def test_load_matches_reference_transform_exactly(root):
+    dataset = pipeline.Dataset.from_meta(root)
+    for i in (0, 3):  # a good image and a defect
+        sample = dataset.load(i, S)
+        raw = dataset.read(i)
+        mask_path = None
+        if raw.label:
+            mask_path = root / raw.img_path.replace("/test/", "/ground_truth/").replace(
+                ".png", "_mask.png"
+            )
+        ref_image, ref_mask = _reference(root / raw.img_path, mask_path, S)
+        np.testing.assert_array_equal(sample["image"], ref_image)
+        np.testing.assert_array_equal(sample["mask"], ref_mask)
+        assert sample["image"].dtype == np.float32 and sample["image"].shape == (S, S, 3)
+    assert dataset.load(3, S)["mask"].sum() > 0
+
+
+def _save(tmp_path, name, image):
+    path = tmp_path / name
+    image.save(path)
+    return path
+
+
+def test_image_modes(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    opaque = np.full((20, 30), 255, np.uint8)
+
+    def load(image, name):
+        return pipeline.image_transform(pipeline.read_image(_save(tmp_path, name, image)), S)
+
+    from_rgb = load(Image.fromarray(rgb), "rgb.png")
+    from_l = load(Image.fromarray(gray), "l.png")
+    # Gray is replicated to 3 channels: same as giving the RGB image with equal channels.
+    np.testing.assert_array_equal(from_l, load(Image.fromarray(np.stack([gray] * 3, -1)), "l3.png"))
+    np.testing.assert_array_equal(
+        load(Image.fromarray(np.dstack([gray, opaque]), "LA"), "la.png"), from_l
+    )
+    np.testing.assert_array_equal(
+        load(Image.fromarray(np.dstack([rgb, opaque]), "RGBA"), "rgba.png"), from_rgb
+    )
+    # 16-bit: scaled to 8 bits (v * 257 -> v) instead of the reference's clip to white.
+    wide = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert pipeline.read_image(_save(tmp_path, "i16.png", wide)).mode == "I;16"
+    np.testing.assert_array_equal(load(wide, "i16.png"), from_l)
+    # Palette: PIL resizes 'P' with NEAREST before conversion, as the reference does.
+    palette = Image.fromarray(rgb).quantize(16)
+    expected = np.asarray(palette.convert("RGB").resize((S, S), Image.NEAREST), np.float32) / 255
+    np.testing.assert_allclose(
+        load(palette, "p.png"), (expected - pipeline.CLIP_MEAN) / pipeline.CLIP_STD, atol=1e-6
+    )
+
+
+def test_mask_rule(tmp_path):
+    values = np.array([[0, 1, 128, 255]] * 4, np.uint8).repeat(4, 1)  # 4x16, non-binary
+    expected = values > 0
+    np.testing.assert_array_equal(pipeline.mask_array(Image.fromarray(values), "m"), expected)
+    grey_rgb = Image.fromarray(np.stack([values] * 3, -1))
+    np.testing.assert_array_equal(pipeline.mask_array(grey_rgb, "m"), expected)
+    np.testing.assert_array_equal(
+        pipeline.mask_array(Image.fromarray(values.astype(np.uint16)), "m"), expected
+    )
+    colour = np.zeros((4, 16, 3), np.uint8)
+    colour[0, 0] = (255, 0, 0)
+    with pytest.raises(ValueError, match=r"red\.png: mask is a colour image"):
+        pipeline.mask_array(Image.fromarray(colour), "red.png")
+    # A thin mask that downsampling blurs below 0.5 vanishes, one that stays >= 128 survives.
+    thin = np.zeros((64, 64), bool)
+    thin[:, 10] = True
+    thin[20:40, 30:50] = True
+    out = pipeline.mask_transform(thin, 16)
+    assert set(np.unique(out)) == {0.0, 1.0}
+    assert out[:, 2].sum() == 0 and out[6:9, 8:12].all()
+
+
+def _tree(tmp_path, image, mask=None):
+    """A one-class meta.json dataset holding `image` (and its defect `mask`)."""
+    (tmp_path / "c/test/bad").mkdir(parents=True)
+    image.save(tmp_path / "c/test/bad/0.png")
+    entry = {
+        "img_path": "c/test/bad/0.png",
+        "mask_path": "",
+        "cls_name": "c",
+        "specie_name": "bad",
+        "anomaly": 1,
+    }
+    if mask is not None:
+        (tmp_path / "c/ground_truth/bad").mkdir(parents=True)
+        mask.save(tmp_path / "c/ground_truth/bad/0_mask.png")
+        entry["mask_path"] = "c/ground_truth/bad/0_mask.png"
+    return pipeline.Dataset.from_entries(tmp_path, [entry])
+
+
+def test_bad_inputs(tmp_path):
+    rgb = Image.new("RGB", (20, 10), (9, 9, 9))
+    with pytest.raises(
+        ValueError,
+        match=r"0_mask\.png: mask size 10x20 \(WxH\) differs from its "
+        r"image c/test/bad/0\.png size 20x10",
+    ):
+        _tree(tmp_path / "size", rgb, Image.new("L", (10, 20))).load(0, S)
+    dataset = _tree(tmp_path / "missing", rgb)
+    (tmp_path / "missing/c/test/bad/0.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"c/test/bad/0\.png not found"):
+        dataset.load(0, S)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"definitely not a png")
+    with pytest.raises(ValueError, match=r"garbage\.png: cannot decode image"):
+        pipeline.read_image(garbage)
+    good = _save(
+        tmp_path,
+        "full.png",
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+    )
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:-2000])
+    with pytest.raises(ValueError, match=r"truncated\.png: cannot decode image"):
+        pipeline.read_image(truncated)
+    with pytest.raises(IndexError):
+        dataset.read(1)
+
+
+def test_image_folder_dataset(tmp_path):
+    Image.new("RGB", (12, 8), (1, 2, 3)).save(tmp_path / "b.png")
+    (tmp_path / "sub").mkdir()
+    Image.new("L", (8, 8), 7).save(tmp_path / "sub" / "a.jpg")
+    (tmp_path / "notes.txt").write_text("hello")
+    good = tmp_path / "c.png"
+    Image.new("RGB", (64, 64), (5, 5, 5)).save(good)
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:40])
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\).*\['cut\.png', 'notes\.txt'\]"):
+        dataset = pipeline.image_folder_dataset(tmp_path)
+    assert len(dataset) == 3
+    assert [dataset.read(i).img_path for i in range(3)] == ["b.png", "c.png", "sub/a.jpg"]
+    sample = dataset.load(2, S)
+    assert sample["label"] == -1 and sample["mask"].sum() == 0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="at least one readable image"):
+        pipeline.image_folder_dataset(tmp_path / "empty")
+
+
+def test_batches_padding_and_keys(root):
+    dataset = pipeline.Dataset.from_meta(root)  # 8 samples
+    out = list(pipeline.batches(dataset, 3, image_size=S, process_index=0, process_count=1))
+    assert len(out) == pipeline.num_batches(8, 3) == 3
+    last = out[-1]
+    assert last["valid"].tolist() == [True, True, False]
+    assert last["index"].tolist() == [6, 7, -1]
+    assert not last["image"][2].any() and last["img_path"][2] == ""
+    assert {k: (v.dtype, v.shape) for k, v in out[0].items()} == {
+        "image": (np.float32, (3, S, S, 3)),
+        "mask": (np.float32, (3, S, S)),
+        "label": (np.int32, (3,)),
+        "valid": (np.bool_, (3,)),
+        "index": (np.int32, (3,)),
+        "cls_name": (object, (3,)),
+        "specie_name": (object, (3,)),
+        "img_path": (object, (3,)),
+    }
+    np.testing.assert_array_equal(out[1]["image"][0], dataset.load(3, S)["image"])
+    assert out[1]["label"][0] == dataset.read(3).label
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch():
+    plan = pipeline.host_batch_indices(10, 4, shuffle=True, seed=3, epoch=1)
+    again = pipeline.host_batch_indices(10, 4, shuffle=True, seed=3, epoch=1)
+    np.testing.assert_array_equal(plan, again)
+    assert sorted(plan[plan >= 0].tolist()) == list(range(10)) and (plan < 0).sum() == 2
+    other = pipeline.host_batch_indices(10, 4, shuffle=True, seed=3, epoch=2)
+    assert not np.array_equal(plan, other)
+    in_order = pipeline.host_batch_indices(10, 4)
+    assert in_order.ravel().tolist() == [*range(10), -1, -1]
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_host_shards_union_is_the_global_batch(hosts):
+    single = pipeline.host_batch_indices(11, 8, shuffle=True, seed=5, epoch=7)
+    shards = [
+        pipeline.host_batch_indices(
+            11, 8, shuffle=True, seed=5, epoch=7, process_index=h, process_count=hosts
+        )
+        for h in range(hosts)
+    ]
+    np.testing.assert_array_equal(np.concatenate(shards, axis=1), single)
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        pipeline.host_batch_indices(11, 6, process_count=4)
+
+
+def test_host_batches_concatenate_to_single_host(root):
+    dataset = pipeline.Dataset.from_meta(root)
+    kwargs = dict(shuffle=True, seed=1, epoch=2, image_size=16)
+    single = list(pipeline.batches(dataset, 6, process_index=0, process_count=1, **kwargs))
+    hosts = [
+        list(pipeline.batches(dataset, 6, process_index=h, process_count=2, **kwargs))
+        for h in range(2)
+    ]
+    assert len(hosts[0]) == len(hosts[1]) == len(single) == 2
+    for step, batch in enumerate(single):
+        for key, value in batch.items():
+            joined = np.concatenate([hosts[0][step][key], hosts[1][step][key]])
+            np.testing.assert_array_equal(joined, value, err_msg=key)
+
+
+def test_prefetch_same_batches_errors_and_early_stop(root, tmp_path):
+    dataset = pipeline.Dataset.from_meta(root)
+    kwargs = dict(image_size=16, process_index=0, process_count=1)
+    sync = list(pipeline.batches(dataset, 3, prefetch=0, **kwargs))
+    ahead = list(pipeline.batches(dataset, 3, prefetch=3, num_threads=2, **kwargs))
+    for a, b in zip(sync, ahead, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+    iterator = pipeline.batches(dataset, 2, prefetch=1, **kwargs)
+    next(iterator)
+    iterator.close()  # the consumer stops early: the background thread must end
+    assert not [t for t in threading.enumerate() if t.name == "genclip-prefetch"]
+
+    broken = _tree(tmp_path, Image.new("RGB", (8, 8)))
+    (tmp_path / "c/test/bad/0.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"0\.png: cannot decode image"):
+        list(pipeline.batches(broken, 1, prefetch=2, **kwargs))
+
+
+def test_from_meta_classes(root):
+    dataset = pipeline.Dataset.from_meta(root, classes=["stripes"])
+    assert len(dataset) == 4
+    assert {dataset.read(i).cls_name for i in range(4)} == {"stripes"}
+    assert len(pipeline.Dataset.from_meta(root, split="train")) == 2
