@@ -107,3 +107,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.process_id = -1
     c.parallel.initialization_timeout = 300
     return c
+
+
+def tiny_config(method: str = "anomalyclip") -> ml_collections.ConfigDict:
+    """Offline demo and CI: random tiny backbone, 112 px synthetic images, 2 epochs.
+
+    `data.train_root` / `data.test_root` are left empty: the demo writes a synthetic dataset
+    and points both at it.
+    """
+    c = base_config()
+    c.method = method
+    c.model.clip = "random"
+    c.model.image_size = 112
+    c.prompts.n_ctx = 4
+    c.prompts.deep_depth = 3
+    c.prompts.deep_length = 2
+    c.anomalyclip.features_list = [24]
+    c.train.epochs = 2
+    c.train.batch_size = 8
+    c.train.log_every_steps = 1
+    c.eval.batch_size = 8
+    c.eval.heatmaps_per_class = 2
+    return c

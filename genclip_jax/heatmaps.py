@@ -1,0 +1,76 @@
+"""Heatmap overlays for a person to look at: image, anomaly map in colour, GT outline."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+# Piecewise-linear "jet": blue -> cyan -> yellow -> red.
+_STOPS = np.array([0.0, 0.35, 0.65, 1.0])
+_COLOURS = np.array([[0, 0, 160], [0, 220, 255], [255, 230, 0], [200, 0, 0]], np.float64)
+OUTLINE_RGB = (0, 255, 0)
+
+
+def colourize(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
+    v = np.clip(np.nan_to_num(values), 0.0, 1.0)
+    rgb = np.stack([np.interp(v, _STOPS, _COLOURS[:, c]) for c in range(3)], axis=-1)
+    return rgb.round().astype(np.uint8)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: mask pixels with a 4-neighbour outside the mask."""
+    m = np.asarray(mask) > 0.5
+    padded = np.pad(m, 1, mode="edge")
+    inner = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return m & ~inner
+
+
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray | None = None,
+    value_range: tuple[float, float] | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Blends the coloured map over the image and draws the GT outline.
+
+    Args:
+      image: (H, W, 3) uint8.
+      anomaly_map: (H, W) float; scaled to [0, 1] with `value_range` (default: its own min/max).
+      mask: optional (H, W) GT mask.
+
+    Returns:
+      (H, W, 3) uint8.
+    """
+    if image.shape[:2] != anomaly_map.shape:
+        raise ValueError(
+            f"overlay: image {image.shape[:2]} and anomaly_map {anomaly_map.shape} differ in size"
+        )
+    lo, hi = value_range if value_range else (float(anomaly_map.min()), float(anomaly_map.max()))
+    scaled = (anomaly_map - lo) / (hi - lo) if hi > lo else np.zeros_like(anomaly_map)
+    blend = (1 - alpha) * image.astype(np.float64) + alpha * colourize(scaled)
+    out = blend.round().astype(np.uint8)
+    if mask is not None:
+        out[outline(mask)] = OUTLINE_RGB
+    return out
+
+
+def save_panel(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> pathlib.Path:
+    """Writes [image | overlay] side by side as a PNG (atomically); returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panel = np.concatenate([image, overlay(image, anomaly_map, mask, value_range)], axis=1)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(panel).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
