@@ -66,6 +66,37 @@ def base_config() -> ml_collections.ConfigDict:
     c.anomalyclip.map_reduce = "sum"
     c.anomalyclip.sigma = 4.0
 
+    # GenCLIP: every unknown of the paper is a field; defaults from the reconstruction
+    # (genclip spec section 0 and 11).
+    c.genclip = ml_collections.ConfigDict()
+    c.genclip.layers = [6, 12, 18, 24]
+    c.genclip.state_len = 12  # K: individually learnable normal (N_p) / abnormal (A_p) tokens
+    c.genclip.gqp_len = 12  # M: shared general query prompt tokens (Q_P)
+    c.genclip.init_std = 0.02
+    c.genclip.mvp_source = "vanilla"  # stream averaged for the MVPs: "vanilla" or "vv"
+    c.genclip.mvp_init = "torch_default"  # or "zeros" (start from the query-only prompt)
+    c.genclip.mvp_bias = True
+    c.genclip.mvp_target = "all"  # add the MVP token to "all" GQP tokens or the "first"
+    c.genclip.normal_state = "{}"
+    c.genclip.abnormal_state = "damaged {}"
+    c.genclip.deep_depth = 0  # > 1: AnomalyCLIP-style deep text prompts (overwrite rows 1..)
+    c.genclip.deep_length = 4
+    c.genclip.fp16_deep_prompts = False
+    c.genclip.temperature = 0.07
+    c.genclip.image_loss_weight = 1.0  # CE on the global feature; 0 drops the image term
+    c.genclip.image_text_layer = "last"  # T_vis of the "last" layer or the "mean" over layers
+    c.genclip.query_loss_weight = 0.0  # pixel loss on the query-only branch (ablation)
+    c.genclip.map_reduce = "mean"  # over layers (keeps maps in [0, 1])
+    c.genclip.fusion_w = 0.5  # weight of the vision-enhanced branch at inference
+    c.genclip.sigma = 4.0
+    c.genclip.image_score = "mix"  # "global", "max", or "mix" of the two
+    c.genclip.image_score_mix = 0.5  # weight of the pixel max in "mix"
+    c.genclip.cnf = ml_collections.ConfigDict()
+    c.genclip.cnf.rule = "B"  # "B" (image-text alignment), "A", "A'" (vocabulary), "off"
+    c.genclip.cnf.margin = 0.0
+    c.genclip.cnf.template = "a photo of a {}."
+    c.genclip.cnf.generic_word = "object"
+
     # Data: meta.json datasets (AnomalyCLIP/AdaCLIP format).
     c.data = ml_collections.ConfigDict()
     c.data.train_root = ""
@@ -123,6 +154,8 @@ def tiny_config(method: str = "anomalyclip") -> ml_collections.ConfigDict:
     c.prompts.deep_depth = 3
     c.prompts.deep_length = 2
     c.anomalyclip.features_list = [24]
+    c.genclip.state_len = 4
+    c.genclip.gqp_len = 4
     c.train.epochs = 2
     c.train.batch_size = 8
     c.train.log_every_steps = 1

@@ -95,8 +95,9 @@ class CLIP(nn.Module):
         images: jax.Array,
         patch_layers: Sequence[int] = (),
         hidden_layers: Sequence[int] = (),
+        hidden_stream: str = "vanilla",
     ) -> VisionFeatures:
-        return self.visual(images, tuple(patch_layers), tuple(hidden_layers))
+        return self.visual(images, tuple(patch_layers), tuple(hidden_layers), hidden_stream)
 
     def encode_text(self, token_ids: jax.Array) -> jax.Array:
         return self.text(token_ids)

@@ -30,8 +30,8 @@ class VisionFeatures:
     global_feature: (B, D) image embedding (see `VisionTransformer.global_mode`).
     patch_tokens: (L, B, N, D) `ln_post(tokens) @ proj` at each requested patch layer, CLS row
       included (N = 1 + h*w); tokens come from the V-V stream at DPAM layers, else the vanilla one.
-    hidden_mean: (L', B, C) mean over all tokens (CLS included) of the raw vanilla residual stream
-      at each requested hidden layer: the input of GenCLIP's multi-layer vision prompts. Only the
+    hidden_mean: (L', B, C) mean over all tokens (CLS included) of the raw residual stream
+      (vanilla by default) at each requested hidden layer: the input of GenCLIP's multi-layer vision prompts. Only the
       mean is kept, so cached features stay small. Empty leading axis when none was requested.
     """
 
@@ -94,8 +94,13 @@ class VisionTransformer(nn.Module):
         images: jax.Array,
         patch_layers: Sequence[int] = (),
         hidden_layers: Sequence[int] = (),
+        hidden_stream: str = "vanilla",
     ) -> VisionFeatures:
-        """Encodes normalised images (B, H, W, 3); H and W multiples of `patch_size`."""
+        """Encodes normalised images (B, H, W, 3); H and W multiples of `patch_size`.
+
+        `hidden_stream` picks the stream averaged for `hidden_mean`: "vanilla" (standard CLIP) or
+        "vv" (the V-V stream at DPAM layers, the vanilla one below them).
+        """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images: expected shape (B, H, W, 3), got {tuple(images.shape)}")
         _, h, w, _ = images.shape
@@ -110,6 +115,8 @@ class VisionTransformer(nn.Module):
             )
         _check_layers("patch_layers", patch_layers, self.layers)
         _check_layers("hidden_layers", hidden_layers, self.layers)
+        if hidden_stream not in ("vanilla", "vv"):
+            raise ValueError(f"hidden_stream: expected 'vanilla' or 'vv', got {hidden_stream!r}")
 
         x = nn.Conv(
             self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
@@ -137,7 +144,7 @@ class VisionTransformer(nn.Module):
             if layer in patch_layers:
                 taps[layer] = x_vv if dual else x
             if layer in hidden_layers:
-                hidden[layer] = x.mean(axis=1)
+                hidden[layer] = (x_vv if dual and hidden_stream == "vv" else x).mean(axis=1)
 
         ln_post = LayerNorm(name="ln_post")
         proj = self.param(

@@ -47,6 +47,11 @@ class AnomalyCLIP:
         del batch
         return {}
 
+    def prepare_eval(self, clip_params: Any, class_names: list[str], class_features) -> dict:
+        """Nothing to adapt: the prompts never name the class."""
+        del clip_params, class_names, class_features
+        return {}
+
     def encode_images(self, clip_params: Any, images: jax.Array) -> VisionFeatures:
         """Frozen vision forward: global feature + V-V patch tokens at `features_list`."""
         feats = self.clip.apply(

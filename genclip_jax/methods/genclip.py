@@ -1,0 +1,159 @@
+"""GenCLIP behind the method interface: GQP + MVP prompts, layer-wise maps, dual-branch inference.
+
+Training uses the vision-enhanced prompts only (paper Fig. 2): for each layer i and image b the
+text pair T_i[b] comes from GQP + MVP_i(b) with the image's class name, and the layer-i patch map
+is supervised with focal + 2 Dice (+ an optional image term). Inference fuses the
+vision-enhanced branch (class names after CNF) with the query-only branch (GQP alone, the
+generic word): `w * A_vis + (1 - w) * A_q`, then the gaussian blur. Unknowns of the paper are
+config fields (`config.genclip`), defaults from the reconstruction (genclip spec section 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from genclip_jax import losses, maps
+from genclip_jax.clip.model import CLIP, CLIPConfig
+from genclip_jax.clip.vision import VisionFeatures
+from genclip_jax.prompts import cnf
+from genclip_jax.prompts import genclip as prompts
+
+IMAGE_SCORES = ("mix", "global", "max")
+
+
+class GenCLIP:
+    """See `genclip_jax.methods` for the interface."""
+
+    name = "genclip"
+
+    def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
+        self.cfg = config.genclip
+        self.image_size = config.model.image_size
+        self.clip = CLIP(clip_config)
+        self.clip_config = clip_config
+        self.patch_layers = tuple(self.cfg.layers)
+        self.hidden_layers = tuple(self.cfg.layers)
+        if self.cfg.image_score not in IMAGE_SCORES:
+            raise ValueError(
+                f"genclip.image_score: expected one of {IMAGE_SCORES}, got {self.cfg.image_score!r}"
+            )
+        # Class name -> prompt word. Empty while training (names used as they are); filled by
+        # `prepare_eval` with the CNF decisions.
+        self.class_words: dict[str, str] = {}
+        self.query_ids = jnp.asarray(self._ids(self.cfg.cnf.generic_word))
+
+    def _ids(self, word: str) -> np.ndarray:
+        return prompts.class_token_ids(self.cfg, word, self.clip_config.context_length)
+
+    def init(self, rng: jax.Array) -> dict:
+        c = self.clip_config
+        return prompts.init(rng, self.cfg, c.vision_width, c.text_width)
+
+    def host_inputs(self, batch: dict) -> dict:
+        """(B, 2, context) prompt ids of each image's class word; padding rows get the generic."""
+        words = [
+            self.class_words.get(name, prompts.normalize_class_name(name))
+            if name else self.cfg.cnf.generic_word
+            for name in batch["cls_name"]
+        ]
+        return {"prompt_ids": np.stack([self._ids(w) for w in words]).astype(np.int32)}
+
+    def encode_images(self, clip_params: Any, images: jax.Array) -> VisionFeatures:
+        """Frozen: global feature, patch tokens and mean tokens at `genclip.layers`."""
+        feats = self.clip.apply(
+            {"params": clip_params}, images, self.patch_layers, self.hidden_layers,
+            self.cfg.mvp_source, method=CLIP.encode_image,
+        )
+        return jax.lax.stop_gradient(feats)
+
+    def branch_text(self, params: dict, clip_params: Any, feats: VisionFeatures,
+                    prompt_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Vision-enhanced T_vis (B, L, 2, D) and query-only T_q (2, D), unnormalised."""
+        mvp = jnp.swapaxes(prompts.vision_prompts(params, feats.hidden_mean), 0, 1)  # (B, L, Ct)
+        b, n_layers = mvp.shape[:2]
+        ids = jnp.broadcast_to(prompt_ids[:, None], (b, n_layers, *prompt_ids.shape[1:]))
+        t_vis = prompts.text_features(self.clip, clip_params, params, ids, self.cfg, mvp)
+        t_q = prompts.text_features(self.clip, clip_params, params, self.query_ids, self.cfg)
+        return t_vis, t_q
+
+    def forward(self, params: dict, clip_params: Any, feats: VisionFeatures, batch: dict) -> dict:
+        """Per-layer probabilities of both branches (L, B, h, w, 2) and image logits (B, 2)."""
+        t_vis, t_q = self.branch_text(params, clip_params, feats, batch["prompt_ids"])
+        tau = self.cfg.temperature
+        probs_vis = jnp.stack([maps.patch_probabilities(f, t_vis[:, i], tau)
+                               for i, f in enumerate(feats.patch_tokens)])
+        probs_q = jnp.stack([maps.patch_probabilities(f, t_q, tau) for f in feats.patch_tokens])
+        t_img = t_vis[:, -1] if self.cfg.image_text_layer == "last" else t_vis.mean(axis=1)
+        return {
+            "probs_vis": probs_vis,
+            "probs_q": probs_q,
+            "logits_vis": maps.image_logits(feats.global_feature, t_img, tau),
+            "logits_q": maps.image_logits(feats.global_feature, t_q, tau),
+        }
+
+    def _upsampled(self, probs: jax.Array) -> jax.Array:
+        return jnp.stack([maps.upsample(p, self.image_size) for p in probs])
+
+    def _pixel_loss(self, probs: jax.Array, mask: jax.Array, valid) -> jax.Array:
+        return sum(losses.anomalyclip_local_loss(p, mask, valid=valid)
+                   for p in self._upsampled(probs))
+
+    def loss(
+        self, params: dict, clip_params: Any, feats: VisionFeatures, batch: dict
+    ) -> tuple[jax.Array, dict]:
+        """sum_layers [focal + dice + dice] (vision-enhanced) + image CE (+ query-only term)."""
+        out = self.forward(params, clip_params, feats, batch)
+        valid, mask = batch.get("valid"), batch["mask"]
+        local = self._pixel_loss(out["probs_vis"], mask, valid)
+        ce = losses.cross_entropy(out["logits_vis"], batch["label"], valid=valid)
+        total = local + self.cfg.image_loss_weight * ce
+        if self.cfg.query_loss_weight:
+            total = total + self.cfg.query_loss_weight * self._pixel_loss(
+                out["probs_q"], mask, valid)
+        return total, {"local": local, "ce": ce, "total": total}
+
+    def branch_maps(self, out: dict) -> tuple[jax.Array, jax.Array]:
+        """Unblurred (B, S, S) maps of the vision-enhanced and the query-only branch."""
+        reduce = self.cfg.map_reduce
+        return (maps.anomaly_map(self._upsampled(out["probs_vis"]), reduce=reduce),
+                maps.anomaly_map(self._upsampled(out["probs_q"]), reduce=reduce))
+
+    def predict(self, params: dict, clip_params: Any, feats: VisionFeatures, batch: dict) -> dict:
+        """Fused, blurred anomaly maps (B, S, S) and image scores (B,)."""
+        out = self.forward(params, clip_params, feats, batch)
+        a_vis, a_q = self.branch_maps(out)
+        w = self.cfg.fusion_w
+        fused = maps.gaussian_blur(w * a_vis + (1.0 - w) * a_q, self.cfg.sigma)
+        global_score = w * maps.image_score(out["logits_vis"]) + (1.0 - w) * maps.image_score(
+            out["logits_q"])
+        pixel_max = fused.max(axis=(1, 2))
+        mix = self.cfg.image_score_mix
+        score = {"global": global_score, "max": pixel_max,
+                 "mix": (1.0 - mix) * global_score + mix * pixel_max}[self.cfg.image_score]
+        return {"anomaly_map": fused, "image_score": score}
+
+    def prepare_eval(
+        self,
+        clip_params: Any,
+        class_names: list[str],
+        class_features: Callable[[str], np.ndarray],
+    ) -> dict[str, cnf.Decision]:
+        """Runs CNF on the test classes; `class_features(name)` gives a class's (N, D) global
+        image features (called only by rule B)."""
+        cfg = self.cfg.cnf
+        decisions = {
+            name: cnf.decide(
+                name, cfg, clip=self.clip, clip_params=clip_params,
+                image_features=class_features(name) if cfg.rule == "B" else None,
+                context_length=self.clip_config.context_length,
+            )
+            for name in class_names
+        }
+        self.class_words = {name: d.word for name, d in decisions.items()}
+        return decisions

@@ -1,0 +1,98 @@
+"""Class-name filtering (CNF): keep a class name in the vision-enhanced prompts only if CLIP
+knows it, else use the generic word (genclip spec section 4).
+
+Rules (`genclip.cnf.rule`):
+  "B"   (default, the paper's Fig. 3a: frozen image and text encoders): keep the name iff the
+        class's unlabelled test images align better with "a photo of a {name}." than with
+        "a photo of a {generic}." by more than `margin` (mean cosine over the images);
+  "A"   every word of the name is one whole-word BPE token and has no digit;
+  "A'"  keep unless the name has a digit or none of its words is a whole-word token;
+  "off" always keep.
+Every decision is returned with its evidence so that runs can log and save it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genclip_jax.clip.model import CLIP
+from genclip_jax.clip.tokenizer import is_whole_word_token, tokenize
+from genclip_jax.prompts.genclip import normalize_class_name
+
+RULES = ("B", "A", "A'", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What CNF decided for one class, and why."""
+
+    class_name: str
+    word: str  # the word the prompts use: the normalised name, or the generic word
+    kept: bool
+    rule: str
+    score_name: float | None = None  # mean cos(image, "a photo of a {name}.") (rule B)
+    score_generic: float | None = None  # mean cos(image, "a photo of a {generic}.") (rule B)
+
+
+def _has_digit(name: str) -> bool:
+    return any(ch.isdigit() for ch in name)
+
+
+def vocabulary_rule(name: str, strict: bool) -> bool:
+    """Rule A (strict) / A' on a normalised name."""
+    words = name.split()
+    known = [is_whole_word_token(w) for w in words]
+    if strict:
+        return bool(words) and all(known) and not _has_digit(name)
+    return any(known) and not _has_digit(name)
+
+
+def alignment_scores(
+    clip: CLIP,
+    clip_params,
+    image_features: jax.Array,
+    words: tuple[str, str],
+    template: str,
+    context_length: int,
+) -> tuple[float, float]:
+    """Mean cosine of (N, D) image features with the template filled by each of two words."""
+    if image_features.shape[0] == 0:
+        raise ValueError(f"CNF rule B: no image for class {words[0]!r}; it needs unlabelled "
+                         "test images of the class")
+    ids = jnp.asarray(tokenize([template.format(w) for w in words], context_length))
+    text = clip.apply({"params": clip_params}, ids, method=CLIP.encode_text)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    images = image_features / jnp.linalg.norm(image_features, axis=-1, keepdims=True)
+    cos = np.asarray(images @ text.T).mean(axis=0)
+    return float(cos[0]), float(cos[1])
+
+
+def decide(
+    class_name: str,
+    cfg,
+    *,
+    clip: CLIP | None = None,
+    clip_params=None,
+    image_features: jax.Array | None = None,
+    context_length: int = 77,
+) -> Decision:
+    """One class's decision under `cfg.rule` (rule B needs the CLIP and the image features)."""
+    if cfg.rule not in RULES:
+        raise ValueError(f"genclip.cnf.rule: expected one of {RULES}, got {cfg.rule!r}")
+    name = normalize_class_name(class_name)
+    scores: tuple[float | None, float | None] = (None, None)
+    if cfg.rule == "off":
+        kept = True
+    elif cfg.rule in ("A", "A'"):
+        kept = vocabulary_rule(name, strict=cfg.rule == "A")
+    else:
+        if image_features is None or clip is None:
+            raise ValueError("CNF rule B needs the frozen CLIP and the class's image features")
+        scores = alignment_scores(clip, clip_params, image_features, (name, cfg.generic_word),
+                                  cfg.template, context_length)
+        kept = scores[0] - scores[1] > cfg.margin
+    return Decision(class_name, name if kept else cfg.generic_word, kept, cfg.rule, *scores)
