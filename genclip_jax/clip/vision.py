@@ -31,8 +31,9 @@ class VisionFeatures:
     patch_tokens: (L, B, N, D) `ln_post(tokens) @ proj` at each requested patch layer, CLS row
       included (N = 1 + h*w); tokens come from the V-V stream at DPAM layers, else the vanilla one.
     hidden_mean: (L', B, C) mean over all tokens (CLS included) of the raw residual stream
-      (vanilla by default) at each requested hidden layer: the input of GenCLIP's multi-layer vision prompts. Only the
-      mean is kept, so cached features stay small. Empty leading axis when none was requested.
+      (vanilla by default) at each requested hidden layer: the input of GenCLIP's multi-layer
+      vision prompts. Only the mean is kept, so cached features stay small. Empty leading axis
+      when none was requested.
     """
 
     global_feature: jax.Array
