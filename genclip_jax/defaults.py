@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.genclip.state_len = 12  # K: individually learnable normal (N_p) / abnormal (A_p) tokens
     c.genclip.gqp_len = 12  # M: shared general query prompt tokens (Q_P)
     c.genclip.init_std = 0.02
+    c.genclip.use_mvp = True  # False: no MVP parameters (GQP-only ablation)
     c.genclip.mvp_source = "vanilla"  # stream averaged for the MVPs: "vanilla" or "vv"
     c.genclip.mvp_init = "torch_default"  # or "zeros" (start from the query-only prompt)
     c.genclip.mvp_bias = True

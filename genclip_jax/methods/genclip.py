@@ -25,6 +25,7 @@ from genclip_jax.prompts import cnf
 from genclip_jax.prompts import genclip as prompts
 
 IMAGE_SCORES = ("mix", "global", "max")
+IMAGE_TEXT_LAYERS = ("last", "mean")
 
 
 class GenCLIP:
@@ -43,6 +44,12 @@ class GenCLIP:
             raise ValueError(
                 f"genclip.image_score: expected one of {IMAGE_SCORES}, got {self.cfg.image_score!r}"
             )
+        if self.cfg.image_text_layer not in IMAGE_TEXT_LAYERS:
+            raise ValueError(
+                f"genclip.image_text_layer: expected one of {IMAGE_TEXT_LAYERS}, "
+                f"got {self.cfg.image_text_layer!r}"
+            )
+        self.use_mvp = prompts.uses_mvp(self.cfg)
         # Class name -> prompt word. Empty while training (names used as they are); filled by
         # `prepare_eval` with the CNF decisions.
         self.class_words: dict[str, str] = {}
@@ -72,14 +79,30 @@ class GenCLIP:
         )
         return jax.lax.stop_gradient(feats)
 
+    def class_image_features(self, clip_params: Any, images: jax.Array) -> jax.Array:
+        """(B, D) standard frozen CLIP image embeddings `ln_post(CLS) @ proj` (the vanilla
+        stream, whatever `model.global_mode` is): the image side of CNF rule B, which compares
+        them with CLIP text embeddings, so they must live in CLIP's joint space."""
+        clip = CLIP(self.clip_config.replace(global_mode="clip"))
+        feats = clip.apply({"params": clip_params}, images, method=CLIP.encode_image)
+        return jax.lax.stop_gradient(feats.global_feature)
+
     def branch_text(self, params: dict, clip_params: Any, feats: VisionFeatures,
                     prompt_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Vision-enhanced T_vis (B, L, 2, D) and query-only T_q (2, D), unnormalised."""
-        mvp = jnp.swapaxes(prompts.vision_prompts(params, feats.hidden_mean), 0, 1)  # (B, L, Ct)
-        b, n_layers = mvp.shape[:2]
-        ids = jnp.broadcast_to(prompt_ids[:, None], (b, n_layers, *prompt_ids.shape[1:]))
-        t_vis = prompts.text_features(self.clip, clip_params, params, ids, self.cfg, mvp)
+        """Vision-enhanced T_vis (B, L, 2, D) and query-only T_q (2, D), unnormalised.
+
+        Without MVPs (`use_mvp` False) T_vis is the class-word prompt of GQP alone, the same for
+        every layer."""
         t_q = prompts.text_features(self.clip, clip_params, params, self.query_ids, self.cfg)
+        n_layers = feats.patch_tokens.shape[0]
+        if not self.use_mvp:
+            t_cls = prompts.text_features(self.clip, clip_params, params, prompt_ids, self.cfg)
+            return jnp.broadcast_to(t_cls[:, None], (t_cls.shape[0], n_layers,
+                                                     *t_cls.shape[1:])), t_q
+        mvp = jnp.swapaxes(prompts.vision_prompts(params, feats.hidden_mean), 0, 1)  # (B, L, Ct)
+        ids = jnp.broadcast_to(prompt_ids[:, None], (mvp.shape[0], n_layers,
+                                                      *prompt_ids.shape[1:]))
+        t_vis = prompts.text_features(self.clip, clip_params, params, ids, self.cfg, mvp)
         return t_vis, t_q
 
     def forward(self, params: dict, clip_params: Any, feats: VisionFeatures, batch: dict) -> dict:
@@ -144,8 +167,8 @@ class GenCLIP:
         class_names: list[str],
         class_features: Callable[[str], np.ndarray],
     ) -> dict[str, cnf.Decision]:
-        """Runs CNF on the test classes; `class_features(name)` gives a class's (N, D) global
-        image features (called only by rule B)."""
+        """Runs CNF on the test classes; `class_features(name)` gives a class's (N, D) image
+        embeddings from `class_image_features` (called only by rule B)."""
         cfg = self.cfg.cnf
         decisions = {
             name: cnf.decide(

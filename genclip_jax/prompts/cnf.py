@@ -6,7 +6,10 @@ Rules (`genclip.cnf.rule`):
         class's unlabelled test images align better with "a photo of a {name}." than with
         "a photo of a {generic}." by more than `margin` (mean cosine over the images);
   "A"   every word of the name is one whole-word BPE token and has no digit;
-  "A'"  keep unless the name has a digit or none of its words is a whole-word token;
+  "A'"  keep unless the name has a digit or none of its words is recognised, a word being
+        recognised if it is one whole-word BPE token or splits into BPE pieces of at least
+        `MIN_PIECE_CHARS` characters each (long sub-words are morphemes of real words:
+        'transi|stor', 'conne|ctor'; short ones are fragments: 'fr|yum', 'che|wing|gum');
   "off" always keep.
 Every decision is returned with its evidence so that runs can log and save it.
 """
@@ -17,13 +20,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from genclip_jax.clip.model import CLIP
-from genclip_jax.clip.tokenizer import is_whole_word_token, tokenize
+from genclip_jax.clip.tokenizer import default_tokenizer, is_whole_word_token, tokenize
 from genclip_jax.prompts.genclip import normalize_class_name
 
 RULES = ("B", "A", "A'", "off")
+MIN_PIECE_CHARS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +47,23 @@ def _has_digit(name: str) -> bool:
     return any(ch.isdigit() for ch in name)
 
 
+def _recognised_word(word: str) -> bool:
+    """Rule A' word test: a whole-word token, or BPE pieces of >= MIN_PIECE_CHARS characters."""
+    if is_whole_word_token(word):
+        return True
+    tokenizer = default_tokenizer()
+    pieces = [s.removesuffix("</w>") for p in tokenizer.pieces(word) for s in tokenizer.bpe(p)]
+    return all(len(piece) >= MIN_PIECE_CHARS for piece in pieces)
+
+
 def vocabulary_rule(name: str, strict: bool) -> bool:
     """Rule A (strict) / A' on a normalised name."""
+    if _has_digit(name):
+        return False
     words = name.split()
-    known = [is_whole_word_token(w) for w in words]
     if strict:
-        return bool(words) and all(known) and not _has_digit(name)
-    return any(known) and not _has_digit(name)
+        return bool(words) and all(is_whole_word_token(w) for w in words)
+    return any(_recognised_word(w) for w in words)
 
 
 def alignment_scores(
@@ -59,21 +74,21 @@ def alignment_scores(
     template: str,
     context_length: int,
 ) -> tuple[float, float]:
-    """Mean cosine of (N, D) image features with the template filled by each of two words."""
-    if image_features.shape[0] == 0:
-        raise ValueError(f"CNF rule B: no image for class {words[0]!r}; it needs unlabelled "
-                         "test images of the class")
+    """Mean cosine of (N, D) image features (N >= 1) with the template filled by each word
+    (cosines in float64 on the host, so decisions do not depend on the device's matmul)."""
     ids = jnp.asarray(tokenize([template.format(w) for w in words], context_length))
-    text = clip.apply({"params": clip_params}, ids, method=CLIP.encode_text)
-    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
-    images = image_features / jnp.linalg.norm(image_features, axis=-1, keepdims=True)
-    cos = np.asarray(images @ text.T).mean(axis=0)
+    text = np.asarray(clip.apply({"params": clip_params}, ids, method=CLIP.encode_text),
+                      np.float64)
+    images = np.asarray(image_features, np.float64)
+    text /= np.linalg.norm(text, axis=-1, keepdims=True)
+    images = images / np.linalg.norm(images, axis=-1, keepdims=True)
+    cos = (images @ text.T).mean(axis=0)
     return float(cos[0]), float(cos[1])
 
 
 def decide(
     class_name: str,
-    cfg,
+    cfg: ml_collections.ConfigDict,
     *,
     clip: CLIP | None = None,
     clip_params=None,
@@ -91,7 +106,12 @@ def decide(
         kept = vocabulary_rule(name, strict=cfg.rule == "A")
     else:
         if image_features is None or clip is None:
-            raise ValueError("CNF rule B needs the frozen CLIP and the class's image features")
+            raise ValueError(f"CNF rule B, class {class_name!r}: needs the frozen CLIP and the "
+                             "class's image features, got none")
+        if image_features.ndim != 2 or image_features.shape[0] == 0:
+            raise ValueError(f"CNF rule B, class {class_name!r}: needs the (N >= 1, D) image "
+                             "embeddings of the class's unlabelled test images, got shape "
+                             f"{tuple(image_features.shape)}")
         scores = alignment_scores(clip, clip_params, image_features, (name, cfg.generic_word),
                                   cfg.template, context_length)
         kept = scores[0] - scores[1] > cfg.margin

@@ -7,7 +7,8 @@ Layout of every sequence (static, so EOT positions are known on the host):
   abnormal : [SOT] a_1..a_K  q_1..q_M  {abnormal_state(cls)} . [EOT]
 
 Vision-enhanced prompts use q + V_i (V_i = Linear_i(mean of layer-i tokens), one per layer and
-image); the query-only branch uses q alone with the generic class word.
+image); the query-only branch uses q alone with the generic class word. With `genclip.use_mvp`
+False (the GQP-only ablation) there are no MVP parameters and both branches use q alone.
 """
 
 from __future__ import annotations
@@ -59,10 +60,16 @@ def class_token_ids(
     return _class_ids(tuple(prompt_texts(cfg, class_word)), context_length, class_word)
 
 
+def uses_mvp(cfg: ml_collections.ConfigDict) -> bool:
+    """`genclip.use_mvp` (default True): whether the MVP projections exist at all."""
+    return bool(cfg.get("use_mvp", True))
+
+
 def init(
     rng: jax.Array, cfg: ml_collections.ConfigDict, vision_width: int, text_width: int
 ) -> dict:
-    """N_p, A_p (K, Ct), GQP (M, Ct), MVP Linear per layer (L, Cv, Ct) + (L, Ct), deep prompts."""
+    """N_p, A_p (K, Ct), GQP (M, Ct), MVP Linear per layer (L, Cv, Ct) + (L, Ct) unless
+    `use_mvp` is False, deep prompts if `deep_depth > 1`."""
     keys = jax.random.split(rng, 6)
     std = cfg.init_std
     n_layers = len(cfg.layers)
@@ -80,9 +87,10 @@ def init(
         "normal_ctx": std * jax.random.normal(keys[0], (cfg.state_len, text_width)),
         "abnormal_ctx": std * jax.random.normal(keys[1], (cfg.state_len, text_width)),
         "gqp": std * jax.random.normal(keys[2], (cfg.gqp_len, text_width)),
-        "mvp_kernel": kernel,
-        "mvp_bias": bias if cfg.mvp_bias else jnp.zeros((n_layers, 0)),
     }
+    if uses_mvp(cfg):
+        params["mvp_kernel"] = kernel
+        params["mvp_bias"] = bias if cfg.mvp_bias else jnp.zeros((n_layers, 0))
     if cfg.deep_depth > 1:
         params["deep_prompts"] = std * jax.random.normal(
             keys[5], (cfg.deep_depth - 1, cfg.deep_length, text_width)
@@ -99,7 +107,7 @@ def vision_prompts(params: dict, hidden_mean: jax.Array) -> jax.Array:
     return out
 
 
-def _query_tokens(params: dict, mvp: jax.Array | None, target: str) -> jax.Array:
+def query_tokens(params: dict, mvp: jax.Array | None, target: str) -> jax.Array:
     """GQP (M, Ct) plus the MVP token (..., Ct), broadcast over the M positions or the first."""
     gqp = params["gqp"]
     if mvp is None:
@@ -130,7 +138,9 @@ def text_features(
 
     Returns:
       (..., 2, D): one feature per sequence, all sequences encoded in one text-encoder call.
+      The CLIP parameters are frozen here (no gradient reaches them).
     """
+    clip_params = jax.lax.stop_gradient(clip_params)
     lead = token_ids.shape[:-2]
     ids = token_ids.reshape(-1, token_ids.shape[-1])
     embeddings = jax.lax.stop_gradient(
@@ -138,7 +148,7 @@ def text_features(
     ).reshape(*lead, 2, *ids.shape[1:], -1)
     k, m = cfg.state_len, cfg.gqp_len
     states = jnp.stack([params["normal_ctx"], params["abnormal_ctx"]])  # (2, K, Ct)
-    query = _query_tokens(params, mvp, cfg.mvp_target)  # (..., M, Ct)
+    query = query_tokens(params, mvp, cfg.mvp_target)  # (..., M, Ct)
     query = jnp.broadcast_to(query[..., None, :, :], (*lead, 2, m, query.shape[-1]))
     embeddings = embeddings.at[..., 1 : 1 + k, :].set(
         jnp.broadcast_to(states, (*lead, *states.shape)).astype(embeddings.dtype)
