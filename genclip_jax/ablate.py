@@ -45,7 +45,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 # Fields the methods read with `cfg.get(name, default)`: an override may add them to configs
 # that predate them (older saved configs).
-OPTIONAL_FIELDS = {"genclip.use_mvp": True}
 _BOOLS = {"true": True, "false": False}
 
 
@@ -113,11 +112,9 @@ def apply_overrides(
                 raise ValueError(f"unknown config field {field!r}: "
                                  f"{'.'.join(parents[: depth + 1])!r} does not exist")
             node = node[key]
-        if not isinstance(node, ml_collections.ConfigDict) or (
-            leaf not in node and field not in OPTIONAL_FIELDS
-        ):
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ValueError(f"unknown config field {field!r}")
-        current = node.get(leaf, OPTIONAL_FIELDS.get(field))
+        current = node[leaf]
         if isinstance(value, str) and not isinstance(current, str):
             value = _parse_value(value)
         try:

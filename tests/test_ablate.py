@@ -32,7 +32,6 @@ def test_parse_items():
 
 def test_apply_overrides_parses_values_by_field_type():
     base = defaults.tiny_config("genclip")
-    assert "use_mvp" not in base.genclip  # added on demand (read with cfg.get)
     cfg = ablate.apply_overrides(base, {
         "genclip.fusion_w": "0", "genclip.mvp_bias": "false", "genclip.cnf.rule": "A'",
         "genclip.layers": "[12, 24]", "genclip.use_mvp": "False", "train.epochs": 1,

@@ -61,8 +61,8 @@ def class_token_ids(
 
 
 def uses_mvp(cfg: ml_collections.ConfigDict) -> bool:
-    """`genclip.use_mvp` (default True): whether the MVP projections exist at all."""
-    return bool(cfg.get("use_mvp", True))
+    """`genclip.use_mvp`: whether the MVP projections exist at all."""
+    return bool(cfg.use_mvp)
 
 
 def init(
