@@ -35,11 +35,16 @@ PyTree = Any
 ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
 
 # Dotted config fields (fnmatch patterns; `*` also matches dots) that may differ between the run
-# that wrote a workdir and a run resuming from it: they change how long or how visibly we train,
-# not what the checkpointed arrays mean.
+# that wrote a workdir and a run resuming from it: they change how long, where (devices, hosts),
+# how fast (feature cache, prefetch) or how visibly we train, or what we evaluate on, not what
+# the checkpointed arrays mean.
 DEFAULT_MUTABLE_FIELDS: tuple[str, ...] = (
     "workdir",
     "train.epochs",
+    "train.cache_features",
+    "parallel.*",
+    "data.prefetch",
+    "data.test_*",
     "eval.*",
     "logging.*",
     "progress.*",

@@ -104,6 +104,21 @@ class _QuietLibraries(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser; an override naming a field the config lacks exits like any bad flag."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as err:  # how ml_collections reports an unknown field
+        message: object = err
+        while isinstance(message, BaseException) and message.args:  # KeyError inside AttributeError
+            message = message.args[0]
+        sys.stderr.write(
+            "FATAL Flags parsing error: a --config.* override names a field the config does not "
+            f"have: {message}\n"
+        )
+        sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
     args = argv[1:]
     handlers = {"train": _train, "eval": _eval, "predict": _predict,
@@ -128,7 +143,7 @@ def run(argv: list[str] | None = None) -> None:
     _command = argv[1]
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    app.run(main, argv=[f"{argv[0]} {argv[1]}", *argv[2:]])
+    app.run(main, argv=[f"{argv[0]} {argv[1]}", *argv[2:]], flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

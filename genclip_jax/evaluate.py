@@ -7,14 +7,16 @@ device; the metrics run on the host over each class's full-resolution maps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from genclip_jax import checkpoint, heatmaps, metrics, parallel
@@ -44,7 +46,7 @@ def load_trained_params(config: ml_collections.ConfigDict, workdir: str, method)
     return state.params
 
 
-def make_predict_fn(method):
+def make_predict_fn(method) -> Callable:
     """Jitted (params, clip_params, images, batch) -> {"anomaly_map", "image_score"}."""
 
     def predict(params, clip_params, images, batch):
@@ -54,17 +56,63 @@ def make_predict_fn(method):
     return jax.jit(predict)
 
 
-def predict_dataset(
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A method with its prompts and frozen backbone placed on a mesh, and its jitted inference."""
+
+    method: Any
+    params: Any
+    clip_params: Any
+    mesh: Mesh
+    predict: Callable
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str, params=None) -> Model:
+    """The model for `eval`/`predict`: `params` if given, else `load_trained_params`."""
+    mesh = parallel.setup(config.parallel)
+    parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    clip_config, clip_params = load_backbone(config.model)
+    method = create_method(config, clip_config)
+    if params is None:
+        params = load_trained_params(config, workdir, method)
+    return Model(
+        method=method,
+        params=parallel.replicate(jax.device_get(params), mesh),
+        clip_params=parallel.replicate(clip_params, mesh),
+        mesh=mesh,
+        predict=make_predict_fn(method),
+    )
+
+
+def predictions(
     config: ml_collections.ConfigDict,
-    method,
-    params,
-    clip_params,
+    model: Model,
     dataset: pipeline.Dataset,
-    mesh,
+    *,
     desc: str = "eval",
+    skip_unreadable: bool = False,
+) -> Iterator[tuple[dict, dict]]:
+    """Per batch: (this host's input batch, outputs as global arrays sharded on "data").
+
+    Outputs: anomaly_map (B, S, S), image_score (B,) and the batch's mask, label, index, valid.
+    """
+    batches = pipeline.batches(
+        dataset, config.eval.batch_size, prefetch=config.data.prefetch,
+        image_size=config.model.image_size, skip_unreadable=skip_unreadable,
+    )
+    total = pipeline.num_batches(len(dataset), config.eval.batch_size)
+    for host_batch in tqdm(batches, total=total, desc=desc,
+                           disable=not config.train.progress or jax.process_index() != 0):
+        host_batch.update(model.method.host_inputs(host_batch))
+        batch = parallel.global_batch(host_batch, model.mesh)
+        pred = model.predict(model.params, model.clip_params, batch.pop("image"), batch)
+        yield host_batch, {**pred, **{k: batch[k] for k in ("mask", "label", "index", "valid")}}
+
+
+def predict_dataset(
+    config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset
 ) -> dict[str, np.ndarray]:
-    """Runs the method over a dataset: maps (N, S, S), scores, masks, labels by dataset index."""
-    predict = make_predict_fn(method)
+    """Maps (N, S, S), image scores, masks (uint8) and labels of every sample, by dataset index."""
     n, size = len(dataset), config.model.image_size
     out = {
         "anomaly_map": np.zeros((n, size, size), np.float32),
@@ -72,17 +120,8 @@ def predict_dataset(
         "mask": np.zeros((n, size, size), np.uint8),
         "label": np.zeros((n,), np.int32),
     }
-    batches = pipeline.batches(
-        dataset, config.eval.batch_size, prefetch=config.data.prefetch, image_size=size
-    )
-    total = pipeline.num_batches(n, config.eval.batch_size)
-    for host_batch in tqdm(batches, total=total, desc=desc,
-                           disable=not config.train.progress or jax.process_index() != 0):
-        host_batch.update(method.host_inputs(host_batch))
-        batch = parallel.global_batch(host_batch, mesh)
-        pred = predict(params, clip_params, batch.pop("image"), batch)
-        rows = parallel.gather({**pred, "mask": batch["mask"], "label": batch["label"],
-                                "index": batch["index"], "valid": batch["valid"]})
+    for _, outputs in predictions(config, model, dataset):
+        rows = parallel.gather(outputs)
         keep = rows["valid"].astype(bool)
         idx = rows["index"][keep]
         for key in out:
@@ -107,12 +146,6 @@ def class_rows(
     return rows
 
 
-def display_image(dataset: pipeline.Dataset, i: int, size: int) -> np.ndarray:
-    """Sample i as (size, size, 3) uint8, resized the way the model saw it."""
-    image = dataset.read(i).image.convert("RGB")
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
-
-
 def write_heatmaps(
     out_dir: pathlib.Path,
     dataset: pipeline.Dataset,
@@ -129,36 +162,30 @@ def write_heatmaps(
         maps = results["anomaly_map"][idx]
         value_range = (float(maps.min()), float(maps.max()))
         for i in idx[:per_class]:
-            stem = pathlib.Path(entries[i]["img_path"]).with_suffix("").as_posix()
-            path = out_dir / cls / (stem.replace("/", "_") + ".png")
+            image = pipeline.image_transform(dataset.read(int(i)).image, size)
             written.append(heatmaps.save_panel(
-                path, display_image(dataset, int(i), size), results["anomaly_map"][i],
+                heatmaps.panel_path(out_dir / cls, entries[i]["img_path"]),
+                pipeline.display_images(image), results["anomaly_map"][i],
                 results["mask"][i] if results["label"][i] else None, value_range,
             ))
     return written
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, params=None) -> dict:
-    """Evaluates on `data.test_root`; writes `eval/metrics.{md,csv,json}` and heatmaps."""
-    parallel.initialize(config.parallel)
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    """Evaluates on `data.test_root`; writes `eval/metrics.{md,csv,json}` and heatmaps.
+
+    Returns {class: {metric: value}}; `params` default: `eval.params` or the latest checkpoint.
+    """
     if not config.data.test_root:
         raise ValueError("data.test_root: set the root of the test dataset (with meta.json)")
-    clip_config, clip_params = load_backbone(config.model)
-    method = create_method(config, clip_config)
-    if params is None:
-        params = load_trained_params(config, workdir, method)
-    params = parallel.replicate(jax.device_get(params), mesh)
-    clip_params = parallel.replicate(clip_params, mesh)
-
     root = config.data.test_root
     meta = meta_lib.read_meta(pathlib.Path(root) / "meta.json", root=root)
     entries = meta_lib.split_entries(
         meta, config.data.test_split, list(config.data.test_classes) or None
     )
     dataset = pipeline.Dataset.from_entries(root, entries)
-    results = predict_dataset(config, method, params, clip_params, dataset, mesh)
+    model = load_model(config, workdir, params)
+    results = predict_dataset(config, model, dataset)
     rows = class_rows(entries, results, config)
     if jax.process_index() == 0:
         out_dir = pathlib.Path(workdir) / "eval"

@@ -48,13 +48,29 @@ def initialize(cfg: ml_collections.ConfigDict) -> None:
     )
 
 
-def make_mesh() -> Mesh:
-    """All devices of all hosts on the "data" axis."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """The first `num_devices` devices (0 = all devices of all hosts) on the "data" axis."""
+    devices = jax.devices()
+    if num_devices:
+        if not 0 < num_devices <= len(devices) or jax.process_count() > 1:
+            raise ValueError(
+                f"parallel.num_devices={num_devices}: expected 0 (all) or 1..{len(devices)} in a "
+                f"single-process run, got it with {len(devices)} devices and "
+                f"{jax.process_count()} process(es)"
+            )
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def setup(cfg: ml_collections.ConfigDict) -> Mesh:
+    """`initialize` then the mesh of `parallel.num_devices` (0 or absent = all devices)."""
+    initialize(cfg)
+    return make_mesh(cfg.get("num_devices", 0))
+
+
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Arrays whose `axis` is the batch, split over "data"."""
+    return NamedSharding(mesh, PartitionSpec(*(None,) * axis, DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -79,14 +95,26 @@ def replicate(tree, mesh: Mesh):
     return jax.tree_util.tree_map(put, tree)
 
 
+def global_array(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+    """This host's rows (batch on `axis`) -> one global array sharded on "data"."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, axis), local)
+
+
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """This host's rows (numeric arrays only) -> global arrays sharded on "data"."""
-    sharding = batch_sharding(mesh)
     return {
-        key: jax.make_array_from_process_local_data(sharding, value)
+        key: global_array(value, mesh)
         for key, value in local.items()
         if isinstance(value, np.ndarray) and value.dtype != object
     }
+
+
+def all_processes(flag: bool) -> bool:
+    """True when `flag` holds on every process: the same answer everywhere, so that processes
+    taking a branch that launches device computations stay in lockstep."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
 
 
 def host_local(tree):

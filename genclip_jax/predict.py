@@ -1,4 +1,9 @@
-"""Scores any folder of images (no labels): `scores.csv` and heatmap PNGs."""
+"""Scores any folder of images (no labels): `scores.csv` and heatmap PNGs.
+
+Each image is decoded once: the heatmaps show the batch's own (de-normalised) pixels and are
+written per batch by the host that loaded them, so no map of the whole folder is kept in memory.
+Files that are not images, or whose pixels do not decode, are skipped with one warning.
+"""
 
 from __future__ import annotations
 
@@ -6,58 +11,67 @@ import csv
 import io
 import os
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from genclip_jax import evaluate, heatmaps, parallel
-from genclip_jax.backbone import load_backbone
 from genclip_jax.data import pipeline
-from genclip_jax.methods import create_method
+
+_pixel_max = jax.jit(lambda maps: maps.max(axis=(1, 2)))
 
 
-def write_scores(path: pathlib.Path, names: list[str], results: dict[str, np.ndarray]) -> None:
-    """CSV of (image, image_score, max of the anomaly map), written atomically."""
+def write_scores(path: pathlib.Path, names: Sequence[str], scores: dict[str, np.ndarray]) -> None:
+    """CSV of (image, image_score, pixel_max), one row per name, written atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["image", "image_score", "pixel_max"])
     for i, name in enumerate(names):
-        writer.writerow([name, f"{results['image_score'][i]:.6f}",
-                         f"{results['anomaly_map'][i].max():.6f}"])
+        writer.writerow([name, f"{scores['image_score'][i]:.6f}", f"{scores['pixel_max'][i]:.6f}"])
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(buffer.getvalue())
     os.replace(tmp, path)
+
+
+def _save_host_panels(out: pathlib.Path, names: Sequence[str], host_batch: dict, outputs: dict):
+    """Heatmap panels of this host's valid rows of one batch."""
+    maps = parallel.host_local(outputs["anomaly_map"])
+    images = pipeline.display_images(host_batch["image"])
+    for r in np.flatnonzero(host_batch["valid"]):
+        name = names[host_batch["index"][r]]
+        heatmaps.save_panel(heatmaps.panel_path(out, name), images[r], maps[r])
 
 
 def predict_folder(
     config: ml_collections.ConfigDict, workdir: str, images: str, out_dir: str
 ) -> pathlib.Path:
     """Scores every readable image under `images`; returns the path of scores.csv."""
-    parallel.initialize(config.parallel)
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    clip_config, clip_params = load_backbone(config.model)
-    method = create_method(config, clip_config)
-    params = parallel.replicate(
-        jax.device_get(evaluate.load_trained_params(config, workdir, method)), mesh
-    )
-    clip_params = parallel.replicate(clip_params, mesh)
-    dataset = pipeline.image_folder_dataset(images)
-    if not len(dataset):
-        raise ValueError(f"{images}: no readable image found")
-    results = evaluate.predict_dataset(
-        config, method, params, clip_params, dataset, mesh, desc="predict"
-    )
-    names = [dataset.read(i).img_path for i in range(len(dataset))]
+    entries, skipped = pipeline.scan_image_folder(images)
+    names = [e["img_path"] for e in entries]
+    dataset = pipeline.Dataset.from_entries(images, entries)
+    model = evaluate.load_model(config, workdir)
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    scores = {"image_score": np.zeros(n, np.float32), "pixel_max": np.zeros(n, np.float32)}
+    read = np.zeros(n, bool)
+    for host_batch, outputs in evaluate.predictions(
+        config, model, dataset, desc="predict", skip_unreadable=True
+    ):
+        _save_host_panels(out / "heatmaps", names, host_batch, outputs)
+        rows = parallel.gather({"image_score": outputs["image_score"], "index": outputs["index"],
+                                "valid": outputs["valid"],
+                                "pixel_max": _pixel_max(outputs["anomaly_map"])})
+        idx = rows["index"][rows["valid"]]
+        read[idx] = True
+        for key in scores:
+            scores[key][idx] = rows[key][rows["valid"]]
+    pipeline.warn_skipped(images, [*skipped, *(names[i] for i in np.flatnonzero(~read))])
+    if not read.any():
+        raise ValueError(f"{images}: expected at least one readable image, found none")
     if jax.process_index() == 0:
-        write_scores(out / "scores.csv", names, results)
-        size = results["anomaly_map"].shape[-1]
-        for i, name in enumerate(names):
-            stem = pathlib.Path(name).with_suffix("").as_posix().replace("/", "_")
-            heatmaps.save_panel(out / "heatmaps" / f"{stem}.png",
-                                evaluate.display_image(dataset, i, size),
-                                results["anomaly_map"][i])
+        out.mkdir(parents=True, exist_ok=True)
+        write_scores(out / "scores.csv", [names[i] for i in np.flatnonzero(read)],
+                     {k: v[read] for k, v in scores.items()})
     return out / "scores.csv"

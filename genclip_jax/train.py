@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metrics as clu_metrics
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from genclip_jax import checkpoint, parallel
@@ -26,7 +27,7 @@ from genclip_jax.backbone import load_backbone
 from genclip_jax.clip.vision import VisionFeatures
 from genclip_jax.data import pipeline
 from genclip_jax.methods import create_method
-from genclip_jax.metric_writers import create_default_writer
+from genclip_jax.metric_writers import MetricWriter, create_default_writer
 
 
 @flax.struct.dataclass
@@ -75,40 +76,39 @@ def make_update_fn(method, tx: optax.GradientTransformation):
     return jax.jit(update, donate_argnums=(0,))
 
 
-class FeatureCache:
-    """This host's frozen vision features, by dataset index, kept on the host between epochs."""
+# Axis of the batch in each field of VisionFeatures (patch tokens and hidden means are layer-major).
+_BATCH_AXES = VisionFeatures(global_feature=0, patch_tokens=1, hidden_mean=1)
 
-    def __init__(self):
+
+class FeatureCache:
+    """This host's frozen vision features by dataset index (-1: a padding row), kept on the host.
+
+    Each host holds the rows it was fed. The features of a padding row (a zero image) are cached
+    like any row, so an epoch read from the cache is bit for bit the epoch it replaces.
+    """
+
+    def __init__(self) -> None:
         self._rows: dict[int, VisionFeatures] = {}
 
-    def __contains__(self, indices: np.ndarray) -> bool:
-        return all(int(i) in self._rows for i in indices if i >= 0)
+    def covers(self, plan: np.ndarray) -> bool:
+        """Whether every host holds every row of its `plan` (the same answer on all hosts)."""
+        return parallel.all_processes(all(int(i) in self._rows for i in np.unique(plan)))
 
     def put(self, indices: np.ndarray, feats: VisionFeatures) -> None:
+        """Keeps this host's rows of the global `feats` of a batch whose rows are `indices`."""
         local = parallel.host_local(feats)
         for row, i in enumerate(indices):
-            if i >= 0:
-                self._rows[int(i)] = jax.tree_util.tree_map(lambda x, r=row: x[:, r]
-                                                            if x.ndim > 2 else x[r], local)
+            self._rows[int(i)] = jax.tree.map(
+                lambda axis, x, r=row: np.take(x, r, axis=axis), _BATCH_AXES, local
+            )
 
-    def get(self, indices: np.ndarray, template: VisionFeatures) -> VisionFeatures:
-        """Host-local stacked features; padding rows copy the first real row."""
-        first = next(int(i) for i in indices if i >= 0)
-        rows = [self._rows[int(i) if i >= 0 else first] for i in indices]
-        return jax.tree_util.tree_map(
-            lambda t, *xs: np.stack(xs, axis=1 if t.ndim > 2 else 0), template, *rows
+    def get(self, indices: np.ndarray, mesh: Mesh) -> VisionFeatures:
+        """The global features of a batch whose rows on this host are `indices`."""
+        rows = [self._rows[int(i)] for i in indices]
+        return jax.tree.map(
+            lambda axis, *xs: parallel.global_array(np.stack(xs, axis=axis), mesh, axis),
+            _BATCH_AXES, *rows,
         )
-
-
-def _global_features(local: VisionFeatures, mesh) -> VisionFeatures:
-    """Host rows of cached features -> global arrays; the batch axis is 0 or 1 (layer-major)."""
-    def put(x: np.ndarray):
-        if x.ndim == 2:
-            return parallel.global_batch({"x": x}, mesh)["x"]
-        moved = parallel.global_batch({"x": np.moveaxis(x, 1, 0)}, mesh)["x"]
-        return jnp.moveaxis(moved, 0, 1)
-
-    return jax.tree_util.tree_map(put, local)
 
 
 def train_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
@@ -119,59 +119,59 @@ def train_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
     )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains the prompts; resumes from the workdir's latest checkpoint. Returns the final state."""
-    parallel.initialize(config.parallel)
-    mesh = parallel.make_mesh()
+def train(
+    config: ml_collections.ConfigDict, workdir: str, writer: MetricWriter | None = None
+) -> TrainState:
+    """Trains the prompts; resumes from the workdir's latest checkpoint. Returns the final state.
+
+    Metrics go to `writer` (default: TensorBoard under `workdir/logs` + console): `train/*` every
+    `train.log_every_steps` steps, `epoch/*` (means over the epoch) at step = epoch number.
+    """
+    mesh = parallel.setup(config.parallel)
     parallel.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
+    dataset = train_dataset(config)
     workdir_path = pathlib.Path(workdir)
-    writer = create_default_writer(str(workdir_path / "logs"))
+    ckpt = checkpoint.Checkpointer(workdir_path, config, keep=config.train.checkpoint_keep)
+    own_writer = writer is None
+    writer = create_default_writer(str(workdir_path / "logs")) if own_writer else writer
     clip_config, clip_params = load_backbone(config.model)
     method = create_method(config, clip_config)
     tx = make_optimizer(config.train)
     clip_params = parallel.replicate(clip_params, mesh)
     state = parallel.replicate(create_train_state(method, tx, config.train.seed), mesh)
-
-    ckpt = checkpoint.Checkpointer(workdir_path, config, keep=config.train.checkpoint_keep)
     start_epoch = ckpt.latest_step() or 0
     if start_epoch:
         state = ckpt.restore(state, start_epoch)
         logging.info("resumed from the checkpoint of epoch %d in %s", start_epoch, workdir)
 
-    dataset = train_dataset(config)
     encode = make_encode_fn(method)
     update = make_update_fn(method, tx)
     cache = FeatureCache() if config.train.cache_features else None
     steps_per_epoch = pipeline.num_batches(len(dataset), config.train.batch_size)
-    image_size = config.model.image_size
+    order = {"shuffle": config.train.shuffle, "seed": config.train.seed}
     for epoch in range(start_epoch, config.train.epochs):
-        epoch_metrics = None
         plan = pipeline.host_batch_indices(
-            len(dataset), config.train.batch_size, shuffle=config.train.shuffle,
-            seed=config.train.seed, epoch=epoch, process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            len(dataset), config.train.batch_size, epoch=epoch, **order,
+            process_index=jax.process_index(), process_count=jax.process_count(),
         )
-        cached = cache is not None and all(rows in cache for rows in plan)
+        cached = cache is not None and cache.covers(plan)
         batches = pipeline.batches(
-            dataset, config.train.batch_size, shuffle=config.train.shuffle,
-            seed=config.train.seed, epoch=epoch, prefetch=config.data.prefetch,
-            image_size=image_size,
+            dataset, config.train.batch_size, epoch=epoch, **order,
+            prefetch=config.data.prefetch, image_size=config.model.image_size,
+            with_images=not cached,
         )
         progress = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}",
                         disable=not config.train.progress or jax.process_index() != 0)
+        epoch_metrics = None
         for host_batch in progress:
             host_batch.update(method.host_inputs(host_batch))
-            indices = host_batch["index"]
+            batch = parallel.global_batch(host_batch, mesh)
             if cached:
-                host_batch.pop("image", None)
-                feats = _global_features(cache.get(indices, template), mesh)
-                batch = parallel.global_batch(host_batch, mesh)
+                feats = cache.get(host_batch["index"], mesh)
             else:
-                batch = parallel.global_batch(host_batch, mesh)
                 feats = encode(clip_params, batch.pop("image"))
                 if cache is not None:
-                    cache.put(indices, feats)
-                    template = parallel.host_local(feats)
+                    cache.put(host_batch["index"], feats)
             state, step_metrics = update(state, clip_params, feats, batch)
             epoch_metrics = (step_metrics if epoch_metrics is None
                              else epoch_metrics.merge(step_metrics))
@@ -182,9 +182,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         summary = {f"epoch/{k}": float(v) for k, v in epoch_metrics.compute().items()}
         writer.write_scalars(epoch + 1, summary)
         ckpt.save(epoch + 1, state, force=True)
-    ckpt.wait()
     ckpt.close()
-    writer.flush()
+    if own_writer:
+        writer.close()
     return state
 
 

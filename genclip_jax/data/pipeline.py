@@ -15,11 +15,13 @@ Input rules (each violation raises an error naming the file):
     conversion would clip them to 255 (an all-white image). All 8-bit modes follow the reference.
 
 Batches (dicts of numpy arrays, leading axis = this host's rows):
-  image (b, S, S, 3) float32, mask (b, S, S) float32 in {0, 1}, label (b,) int32, valid (b,) bool,
-  index (b,) int32 (position in the dataset, -1 for padding), cls_name / specie_name / img_path
-  (b,) str. The global batch of `batch_size` rows is split over hosts, host h taking rows
-  [h*b, (h+1)*b) with b = batch_size / process_count, so the union over hosts of one step is the
-  single-host global batch. The last batch is padded (zero image, valid=False), never dropped.
+  image (b, S, S, 3) float32 (left out with `with_images=False`), mask (b, S, S) float32 in
+  {0, 1}, label (b,) int32, valid (b,) bool, index (b,) int32 (position in the dataset, -1 for
+  padding), cls_name / specie_name / img_path (b,) str. The global batch of `batch_size` rows is
+  split over hosts, host h taking rows [h*b, (h+1)*b) with b = batch_size / process_count, so the
+  union over hosts of one step is the single-host global batch. The last batch is padded (zero
+  image, valid=False), never dropped. With `skip_unreadable` a sample that fails to load becomes a
+  padding row that keeps its index (valid=False, index >= 0) instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -62,12 +64,27 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     return image
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Reads and decodes an image file; errors name the file."""
+def _existing_file(path: str | os.PathLike) -> pathlib.Path:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
+    return path
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Reads and decodes an image file; errors name the file."""
+    path = _existing_file(path)
     return decode_image(path.read_bytes(), str(path))
+
+
+def image_file_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels; errors name the file."""
+    path = _existing_file(path)
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -112,6 +129,13 @@ def image_transform(image: Image.Image, image_size: int = DEFAULT_IMAGE_SIZE) ->
     return x.reshape(image_size, image_size, 3)
 
 
+def display_images(images: np.ndarray) -> np.ndarray:
+    """Inverse of `image_transform`: (..., S, S, 3) normalised float -> uint8, exactly the pixels
+    the model saw (the normalisation moves values far less than the 0.5 of the rounding)."""
+    pixels = (images * CLIP_STD + CLIP_MEAN) * 255
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
 def mask_transform(mask: np.ndarray | None, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
     """(S, S) float32 {0, 1} mask: 'L' 0/255 -> PIL BILINEAR resize -> /255 -> > 0.5."""
     if mask is None:
@@ -127,9 +151,10 @@ def mask_transform(mask: np.ndarray | None, image_size: int = DEFAULT_IMAGE_SIZE
 
 @dataclasses.dataclass(frozen=True)
 class RawSample:
-    """A decoded, untransformed sample. `mask` None = no defect pixels; `label` -1 = unknown."""
+    """A decoded, untransformed sample. `image` None = read without the image (labels and masks
+    only); `mask` None = no defect pixels; `label` -1 = unknown."""
 
-    image: Image.Image
+    image: Image.Image | None
     mask: np.ndarray | None
     label: int
     cls_name: str
@@ -138,9 +163,12 @@ class RawSample:
 
 
 class Dataset:
-    """Random-access samples; `load(i, image_size)` returns sample i transformed."""
+    """Random-access samples; `load(i, image_size)` returns sample i transformed.
 
-    def __init__(self, size: int, read: Callable[[int], RawSample]):
+    `read(i, with_image)` returns sample i decoded; without the image it decodes only the mask.
+    """
+
+    def __init__(self, size: int, read: Callable[[int, bool], RawSample]):
         self._size = size
         self._read = read
 
@@ -150,17 +178,19 @@ class Dataset:
         root = pathlib.Path(root)
         entries = list(entries)
 
-        def read(i: int) -> RawSample:
+        def read(i: int, with_image: bool) -> RawSample:
             entry = entries[i]
-            image = read_image(root / entry["img_path"])
+            image_path = root / entry["img_path"]
+            image = read_image(image_path) if with_image else None
             mask = None
             if entry["anomaly"] == 1 and entry["mask_path"]:
                 mask_path = root / entry["mask_path"]
                 mask = mask_array(read_image(mask_path), str(mask_path))
-                if mask.shape != (image.height, image.width):
+                width, height = image.size if image is not None else image_file_size(image_path)
+                if mask.shape != (height, width):
                     raise ValueError(
                         f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs "
-                        f"from its image {entry['img_path']} size {image.width}x{image.height}"
+                        f"from its image {entry['img_path']} size {width}x{height}"
                     )
             return RawSample(
                 image,
@@ -194,12 +224,12 @@ class Dataset:
         """From a TFDS source of our builders with undecoded images (from
         `genclip_jax.data.tfds.builders.data_source`): PIL decodes the original bytes as above."""
 
-        def read(i: int) -> RawSample:
+        def read(i: int, with_image: bool) -> RawSample:
             ex = source[i]
             name = _text(ex["img_path"])
             mask = mask_array(decode_image(ex["mask"], f"{name} (mask)"), f"{name} (mask)")
             return RawSample(
-                decode_image(ex["image"], name),
+                decode_image(ex["image"], name) if with_image else None,
                 mask,
                 int(ex["label"]),
                 _text(ex["cls_name"]),
@@ -212,17 +242,19 @@ class Dataset:
     def __len__(self) -> int:
         return self._size
 
-    def read(self, i: int) -> RawSample:
-        """Sample i decoded, not transformed."""
+    def read(self, i: int, with_image: bool = True) -> RawSample:
+        """Sample i decoded, not transformed (`with_image=False`: the image is not decoded)."""
         if not 0 <= i < self._size:
             raise IndexError(f"sample index {i} out of range [0, {self._size})")
-        return self._read(i)
+        return self._read(i, with_image)
 
-    def load(self, i: int, image_size: int = DEFAULT_IMAGE_SIZE) -> dict:
-        """Sample i transformed: image (S, S, 3), mask (S, S), label, and its metadata."""
-        raw = self.read(i)
+    def load(self, i: int, image_size: int = DEFAULT_IMAGE_SIZE, with_image: bool = True) -> dict:
+        """Sample i transformed: image (S, S, 3) (unless `with_image` is False), mask (S, S),
+        label, and its metadata."""
+        raw = self.read(i, with_image)
+        image = {"image": image_transform(raw.image, image_size)} if with_image else {}
         return {
-            "image": image_transform(raw.image, image_size),
+            **image,
             "mask": mask_transform(raw.mask, image_size),
             "label": raw.label,
             "cls_name": raw.cls_name,
@@ -235,11 +267,11 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def image_folder_dataset(folder: str | os.PathLike) -> Dataset:
-    """Every decodable image under `folder` (recursive, sorted) with label -1, for `predict`.
+def scan_image_folder(folder: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """(meta entries with label -1, other files) for every file under `folder` (recursive, sorted).
 
-    Files that do not decode (not images, corrupt, truncated) are skipped with ONE warning listing
-    them: a stray README must not stop a run over thousands of images.
+    A file counts as an image when its header reads (cheap: no pixel is decoded); one whose
+    pixel data is corrupt is caught later, when the pipeline decodes it (`skip_unreadable`).
     """
     folder = pathlib.Path(folder)
     if not folder.is_dir():
@@ -248,20 +280,32 @@ def image_folder_dataset(folder: str | os.PathLike) -> Dataset:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         try:
-            read_image(path)
+            image_file_size(path)
         except ValueError:
             skipped.append(rel)
             continue
         entries.append(
             {"img_path": rel, "mask_path": "", "cls_name": "", "specie_name": "", "anomaly": -1}
         )
-    if skipped:
-        warnings.warn(
-            f"{folder}: skipped {len(skipped)} file(s) that are not readable images: {skipped}",
-            stacklevel=2,
-        )
     if not entries:
         raise ValueError(f"{folder}: expected at least one readable image, found none")
+    return entries, skipped
+
+
+def warn_skipped(folder: str | os.PathLike, skipped: Sequence[str]) -> None:
+    """ONE warning listing the files skipped as unreadable (a stray README must not stop a run)."""
+    if skipped:
+        warnings.warn(
+            f"{folder}: skipped {len(skipped)} file(s) that are not readable images: "
+            f"{sorted(skipped)}",
+            stacklevel=3,
+        )
+
+
+def image_folder_dataset(folder: str | os.PathLike) -> Dataset:
+    """Every image under `folder` (see `scan_image_folder`), non-images skipped with a warning."""
+    entries, skipped = scan_image_folder(folder)
+    warn_skipped(folder, skipped)
     return Dataset.from_entries(folder, entries)
 
 
@@ -304,19 +348,22 @@ def host_batch_indices(
     return padded.reshape(-1, batch_size)[:, process_index * rows : (process_index + 1) * rows]
 
 
-def _collate(samples: list[dict | None], indices: np.ndarray, image_size: int) -> dict:
+def _collate(
+    samples: list[dict | None], indices: np.ndarray, image_size: int, with_images: bool
+) -> dict:
     """Stacks samples; a None sample is padding (zeros, valid=False)."""
     b = len(samples)
     batch = {
-        "image": np.zeros((b, image_size, image_size, 3), np.float32),
         "mask": np.zeros((b, image_size, image_size), np.float32),
         "label": np.zeros((b,), np.int32),
         "valid": np.array([s is not None for s in samples]),
         "index": indices.astype(np.int32),
     }
+    if with_images:
+        batch["image"] = np.zeros((b, image_size, image_size, 3), np.float32)
     for r, s in enumerate(samples):
         if s is not None:
-            for key in ("image", "mask", "label"):
+            for key in s.keys() & {"image", "mask", "label"}:
                 batch[key][r] = s[key]
     for key in ("cls_name", "specie_name", "img_path"):
         batch[key] = np.array([s[key] if s is not None else "" for s in samples], dtype=object)
@@ -380,12 +427,17 @@ def batches(
     prefetch: int = 2,
     image_size: int = DEFAULT_IMAGE_SIZE,
     num_threads: int | None = None,
+    with_images: bool = True,
+    skip_unreadable: bool = False,
 ) -> Iterator[dict]:
     """This host's batches of one epoch (see the module docstring for keys and sharding).
 
     `batch_size` is the global batch; host defaults come from jax.process_index/count. Decoding
     runs on `num_threads` threads (PIL releases the GIL) and `prefetch` batches are prepared
     ahead in a background thread (0 = synchronous) so the accelerator does not wait on PIL.
+    `with_images=False` decodes no image at all (masks, labels and metadata only: for epochs
+    whose vision features are cached); `skip_unreadable` turns a sample that fails to load into a
+    padding row that keeps its index (for `predict` over arbitrary folders).
     """
     plan = host_batch_indices(
         len(dataset),
@@ -399,11 +451,18 @@ def batches(
     workers = num_threads or min(8, os.cpu_count() or 1)
 
     def load(i: int) -> dict | None:
-        return dataset.load(int(i), image_size) if i >= 0 else None
+        if i < 0:
+            return None
+        try:
+            return dataset.load(int(i), image_size, with_images)
+        except (ValueError, FileNotFoundError):
+            if skip_unreadable:
+                return None
+            raise
 
     def produce() -> Generator[dict, None, None]:
         with concurrent.futures.ThreadPoolExecutor(workers, "genclip-decode") as pool:
             for indices in plan:
-                yield _collate(list(pool.map(load, indices)), indices, image_size)
+                yield _collate(list(pool.map(load, indices)), indices, image_size, with_images)
 
     return _prefetch(produce(), prefetch) if prefetch > 0 else produce()

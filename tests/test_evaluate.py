@@ -1,0 +1,115 @@
+"""Batched evaluation does not depend on the batch size; `predict` over an arbitrary folder."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from train_helpers import tiny_config, write_dataset
+
+from genclip_jax import checkpoint, evaluate, predict
+from genclip_jax.clip.model import CLIPConfig
+from genclip_jax.data import meta as meta_lib
+from genclip_jax.data import pipeline
+from genclip_jax.methods import create_method
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _prompt_params(config):
+    method = create_method(config, CLIPConfig(**config.model.random_arch.to_dict()))
+    return method.init(jax.random.PRNGKey(3))
+
+
+def test_batch_1_on_one_device_equals_batch_8_on_eight(data_root):
+    config = tiny_config(data_root)
+    params = _prompt_params(config)
+    meta = meta_lib.read_meta(data_root / "meta.json", root=data_root)
+    entries = meta_lib.split_entries(meta, "test")
+    dataset = pipeline.Dataset.from_entries(data_root, entries)
+    outcomes = []
+    for batch_size, num_devices in ((8, 0), (1, 1)):
+        config.eval.batch_size = batch_size
+        config.parallel.num_devices = num_devices
+        model = evaluate.load_model(config, "", params)
+        assert model.mesh.size == (num_devices or 8)
+        results = evaluate.predict_dataset(config, model, dataset)
+        outcomes.append((results, evaluate.class_rows(entries, results, config)))
+    (batched, batched_rows), (single, single_rows) = outcomes
+    np.testing.assert_allclose(single["anomaly_map"], batched["anomaly_map"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(single["image_score"], batched["image_score"], rtol=0, atol=1e-6)
+    for key in ("mask", "label"):
+        np.testing.assert_array_equal(single[key], batched[key])
+    assert single_rows.keys() == batched_rows.keys() == {"disc"}
+    for name, value in batched_rows["disc"].items():
+        assert single_rows["disc"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_num_devices_is_checked(data_root):
+    config = tiny_config(data_root)
+    config.parallel.num_devices = 9
+    with pytest.raises(ValueError, match=r"parallel\.num_devices=9: expected 0 \(all\) or 1\.\.8"):
+        evaluate.load_model(config, "", {})
+
+
+def _folder_with_strays(data_root, folder):
+    """4 good images (one in a subfolder), a README, a text file named .png, a truncated PNG."""
+    sources = sorted((data_root / "disc" / "test").rglob("*.png"))[:4]
+    (folder / "sub").mkdir(parents=True)
+    for i, source in enumerate(sources):
+        shutil.copy(source, folder / ("sub" if i == 3 else ".") / f"img{i}.png")
+    (folder / "README.md").write_text("not an image")
+    (folder / "fake.png").write_text("not a png either")
+    noise = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "cut.png")
+    data = (folder / "cut.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut
+    return ["img0.png", "img1.png", "img2.png", "sub/img3.png"]
+
+
+def test_predict_skips_unreadable_files_with_one_warning(data_root, tmp_path, monkeypatch):
+    readable = _folder_with_strays(data_root, tmp_path / "images")
+    config = tiny_config(data_root)
+    checkpoint.save_params(tmp_path / "params", _prompt_params(config))
+    config.eval.params = str(tmp_path / "params")
+    config.eval.batch_size = 8
+    decodes = []
+    original = pipeline.decode_image
+    monkeypatch.setattr(
+        pipeline, "decode_image", lambda *a: decodes.append(a[1]) or original(*a)
+    )
+    with pytest.warns(UserWarning, match=r"skipped 3 file\(s\).*\['README\.md', 'cut\.png', "
+                      r"'fake\.png'\]") as caught:
+        scores_path = predict.predict_folder(config, "", str(tmp_path / "images"),
+                                             str(tmp_path / "out"))
+    assert len([w for w in caught if "skipped" in str(w.message)]) == 1
+    assert sorted(decodes) == sorted(str(tmp_path / "images" / n) for n in [*readable, "cut.png"])
+
+    with scores_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == readable
+    for row in rows:
+        assert 0.0 <= float(row["image_score"]) <= 1.0 and float(row["pixel_max"]) > 0
+    panels = sorted(p.name for p in (tmp_path / "out" / "heatmaps").iterdir())
+    assert panels == ["img0.png", "img1.png", "img2.png", "sub_img3.png"]
+    panel = np.asarray(Image.open(tmp_path / "out" / "heatmaps" / "img0.png"))
+    assert panel.shape == (112, 224, 3)
+    np.testing.assert_array_equal(  # the left half is the image exactly as the model saw it
+        panel[:, :112], np.asarray(Image.open(tmp_path / "images" / "img0.png").convert("RGB"))
+    )
+
+
+def test_display_images_invert_the_transform(data_root):
+    source = sorted((data_root / "disc" / "test").rglob("*.png"))[0]
+    image = Image.open(source)
+    shown = pipeline.display_images(pipeline.image_transform(image, 56))
+    expected = np.asarray(image.resize((56, 56), Image.BICUBIC).convert("RGB"))
+    np.testing.assert_array_equal(shown, expected)
+
