@@ -31,7 +31,7 @@ import jax
 import ml_collections
 
 from genclip_jax import metrics
-from genclip_jax.metrics.report import _write_atomic
+from genclip_jax.files import write_atomic
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "gqp_only": {"method": "genclip", "genclip.use_mvp": False, "genclip.cnf.rule": "off",
@@ -248,5 +248,5 @@ def run_ablation(
             table[variant.name] = summarize(variant, runs)
             if jax.process_index() == 0:
                 for ext, text in render(table).items():
-                    _write_atomic(out / f"ablation.{ext}", text)
+                    write_atomic(out / f"ablation.{ext}", text)
     return document(table)

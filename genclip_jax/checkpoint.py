@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,6 +29,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from genclip_jax.files import write_atomic
 
 PyTree = Any
 ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
@@ -98,18 +99,6 @@ def config_differences(
         if before != after:
             diffs[name] = (before, after)
     return diffs
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Write via a temp file in the same directory + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sync(name: str) -> None:
@@ -184,7 +173,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             self.workdir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n"
-            _atomic_write_text(self.config_path, text)
+            write_atomic(self.config_path, text)
         # Registering the handler up front lets a fresh manager read the metadata of checkpoints
         # written by an earlier run (needed for the shape check before the first restore).
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()

@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.params = ""  # params-only checkpoint dir (convert output); empty: latest in workdir
 
     c.parallel = ml_collections.ConfigDict()
+    c.parallel.num_devices = 0  # 0: every device of every host; n: the first n (one host only)
     c.parallel.multihost = False  # call jax.distributed.initialize()
     c.parallel.coordinator_address = ""
     c.parallel.num_processes = 0

@@ -8,6 +8,8 @@ device; the metrics run on the host over each class's full-resolution maps.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +25,7 @@ from genclip_jax import checkpoint, heatmaps, metrics, parallel
 from genclip_jax.backbone import load_backbone
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline
+from genclip_jax.files import write_atomic
 from genclip_jax.methods import create_method
 
 
@@ -129,6 +132,44 @@ def predict_dataset(
     return out
 
 
+def image_embeddings(
+    config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset
+) -> np.ndarray:
+    """(N, D) the method's `class_image_features` of every sample, by dataset index."""
+    embed = jax.jit(model.method.class_image_features)
+    out = None
+    batches = pipeline.batches(dataset, config.eval.batch_size, prefetch=config.data.prefetch,
+                               image_size=config.model.image_size)
+    for host_batch in batches:
+        batch = parallel.global_batch(host_batch, model.mesh)
+        rows = parallel.gather({"emb": embed(model.clip_params, batch["image"]),
+                                "index": batch["index"], "valid": batch["valid"]})
+        if out is None:
+            out = np.zeros((len(dataset), rows["emb"].shape[-1]), np.float32)
+        keep = rows["valid"].astype(bool)
+        out[rows["index"][keep]] = rows["emb"][keep]
+    return out
+
+
+def adapt_to_classes(
+    config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset,
+    entries: Sequence[dict],
+) -> dict:
+    """Test-time adaptation of the method to the test classes (GenCLIP: class-name filtering).
+
+    The image embeddings pass runs only if the method asks for a class's images.
+    """
+    names = np.array([e["cls_name"] for e in entries])
+    embeddings = functools.cache(lambda: image_embeddings(config, model, dataset))
+    decisions = model.method.prepare_eval(
+        model.clip_params, [str(n) for n in dict.fromkeys(names)],
+        lambda cls: embeddings()[names == cls],
+    )
+    for name, decision in decisions.items():
+        logging.info("class %s -> prompt word %r (%s)", name, decision.word, decision)
+    return decisions
+
+
 def class_rows(
     entries: Sequence[dict], results: dict[str, np.ndarray], config: ml_collections.ConfigDict
 ) -> dict[str, dict[str, float]]:
@@ -185,11 +226,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, params=None) -> di
     )
     dataset = pipeline.Dataset.from_entries(root, entries)
     model = load_model(config, workdir, params)
+    decisions = adapt_to_classes(config, model, dataset, entries)
     results = predict_dataset(config, model, dataset)
     rows = class_rows(entries, results, config)
     if jax.process_index() == 0:
         out_dir = pathlib.Path(workdir) / "eval"
         paths = metrics.write_tables(rows, out_dir)
+        if decisions:
+            text = json.dumps({k: dataclasses.asdict(d) for k, d in decisions.items()}, indent=2)
+            write_atomic(out_dir / "class_names.json", text + "\n")
         write_heatmaps(out_dir / "heatmaps", dataset, entries, results,
                        config.eval.heatmaps_per_class)
         logging.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 
 import numpy as np
 from PIL import Image
+
+from genclip_jax.files import write_atomic
 
 # Piecewise-linear "jet": blue -> cyan -> yellow -> red.
 _STOPS = np.array([0.0, 0.35, 0.65, 1.0])
@@ -73,10 +76,7 @@ def save_panel(
     value_range: tuple[float, float] | None = None,
 ) -> pathlib.Path:
     """Writes [image | overlay] side by side as a PNG (atomically); returns the path."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     panel = np.concatenate([image, overlay(image, anomaly_map, mask, value_range)], axis=1)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(panel).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(panel).save(buffer, format="PNG")
+    return write_atomic(path, buffer.getvalue())

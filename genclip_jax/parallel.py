@@ -63,9 +63,9 @@ def make_mesh(num_devices: int = 0) -> Mesh:
 
 
 def setup(cfg: ml_collections.ConfigDict) -> Mesh:
-    """`initialize` then the mesh of `parallel.num_devices` (0 or absent = all devices)."""
+    """`initialize` then the mesh of `parallel.num_devices` (0 = all devices)."""
     initialize(cfg)
-    return make_mesh(cfg.get("num_devices", 0))
+    return make_mesh(cfg.num_devices)
 
 
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import pathlib
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from genclip_jax import evaluate, heatmaps, parallel
 from genclip_jax.data import pipeline
+from genclip_jax.files import write_atomic
 
 _pixel_max = jax.jit(lambda maps: maps.max(axis=(1, 2)))
 
@@ -30,9 +30,7 @@ def write_scores(path: pathlib.Path, names: Sequence[str], scores: dict[str, np.
     writer.writerow(["image", "image_score", "pixel_max"])
     for i, name in enumerate(names):
         writer.writerow([name, f"{scores['image_score'][i]:.6f}", f"{scores['pixel_max'][i]:.6f}"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue())
 
 
 def _save_host_panels(out: pathlib.Path, names: Sequence[str], host_batch: dict, outputs: dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import jax
@@ -113,3 +114,17 @@ def test_display_images_invert_the_transform(data_root):
     expected = np.asarray(image.resize((56, 56), Image.BICUBIC).convert("RGB"))
     np.testing.assert_array_equal(shown, expected)
 
+
+
+def test_genclip_eval_runs_class_name_filtering_and_saves_it(data_root, tmp_path):
+    config = tiny_config(data_root)
+    config.method = "genclip"
+    config.eval.heatmaps_per_class = 0
+    rows = evaluate.evaluate(config, str(tmp_path), _prompt_params(config))
+    assert set(rows) == {"disc"}
+    decisions = json.loads((tmp_path / "eval" / "class_names.json").read_text())
+    assert set(decisions) == {"disc"}
+    assert decisions["disc"]["rule"] == "B"
+    kept = decisions["disc"]["score_name"] - decisions["disc"]["score_generic"] > 0
+    assert decisions["disc"]["kept"] is kept
+    assert decisions["disc"]["word"] == ("disc" if kept else "object")

@@ -23,11 +23,12 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 
 import numpy as np
 from PIL import Image
+
+from genclip_jax.files import write_atomic
 
 Meta = dict[str, dict[str, list[dict]]]
 
@@ -133,16 +134,7 @@ def write_meta(meta: Meta, path: str | os.PathLike) -> pathlib.Path:
     """Validates, then writes atomically (temp file + os.replace): never half a file on a crash."""
     path = pathlib.Path(path)
     validate_meta(meta, source=path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=4) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(meta, indent=4) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from genclip_jax.files import write_atomic
 from genclip_jax.metrics.aupro import pixel_aupro
 from genclip_jax.metrics.image_level import image_rank_statistics
 from genclip_jax.metrics.pixel_level import pixel_rank_statistics
@@ -172,22 +172,6 @@ def format_json(rows: Mapping[str, Mapping[str, float]]) -> str:
     return _json(*_with_mean(rows))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes via a temporary file in the same folder and `os.replace`: never half-written."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_tables(
     rows: Mapping[str, Mapping[str, float]], out_dir: str | os.PathLike, stem: str = "metrics"
 ) -> dict[str, Path]:
@@ -209,5 +193,5 @@ def write_tables(
     paths = {}
     for ext, text in texts.items():
         paths[ext] = out / f"{stem}.{ext}"
-        _write_atomic(paths[ext], text)
+        write_atomic(paths[ext], text)
     return paths
