@@ -7,6 +7,7 @@ feeds its rows of the global batch and `jax.make_array_from_process_local_data` 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import jax
@@ -33,8 +34,14 @@ def initialize(cfg: ml_collections.ConfigDict) -> None:
         kwargs["num_processes"] = int(cfg.num_processes)
     if cfg.process_id >= 0:
         kwargs["process_id"] = int(cfg.process_id)
-    if jax.devices()[0].platform == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives of the CPU backend (tests, CPU clusters); no effect on GPU/TPU.
+    # Set before anything touches a device: the backends are created by the first such call.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # If the peers never come, the JAX runtime aborts the process after the timeout with
+    # DEADLINE_EXCEEDED (it cannot be caught); this line says what was being waited for.
+    logging.warning("jax.distributed.initialize: joining coordinator %s (%s processes, timeout "
+                    "%d s)", kwargs.get("coordinator_address", "auto-detected"),
+                    kwargs.get("num_processes", "auto"), kwargs["initialization_timeout"])
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as err:
@@ -115,6 +122,21 @@ def all_processes(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+def check_same_on_all_processes(name: str, value: str) -> None:
+    """Stops a multi-process run whose processes disagree (config, dataset) before any training:
+    each process hashes `value` and all hashes must agree."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    differing = [i for i, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise ValueError(
+            f"processes disagree on the {name}: processes {differing} differ from process 0; "
+            "start every process with the same config and data"
+        )
 
 
 def host_local(tree):

@@ -8,6 +8,7 @@ resumes from the latest one in its workdir.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any
@@ -119,6 +120,15 @@ def train_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
     )
 
 
+def check_processes_agree(config: ml_collections.ConfigDict) -> None:
+    """Multi-process runs: same config (but the process id) and same training meta.json."""
+    shared = checkpoint.config_to_dict(config)
+    shared["parallel"].pop("process_id", None)
+    parallel.check_same_on_all_processes("config", json.dumps(shared, sort_keys=True))
+    meta = pathlib.Path(config.data.train_root) / "meta.json"
+    parallel.check_same_on_all_processes("training data (meta.json)", meta.read_text())
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str, writer: MetricWriter | None = None
 ) -> TrainState:
@@ -130,6 +140,7 @@ def train(
     mesh = parallel.setup(config.parallel)
     parallel.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     dataset = train_dataset(config)
+    check_processes_agree(config)
     workdir_path = pathlib.Path(workdir)
     ckpt = checkpoint.Checkpointer(workdir_path, config, keep=config.train.checkpoint_keep)
     own_writer = writer is None
