@@ -9,6 +9,10 @@ naming an unknown field is an error. Commands:
   convert    `convert anomalyclip --pth epoch_15.pth --out DIR`: official prompts -> params export
   make-meta  `make-meta --dataset mvtec --root DIR`: write DIR/meta.json
   demo       offline end to end: synthetic dataset, tiny random backbone, train, eval
+  ablate     `ablate --sweep=gqp_only,mvp,cnf,dual_branch --seeds=0,1`: train/eval each variant
+             (or `field=value` overrides joined by `+`) into one comparison table
+
+`--profile` writes a `jax.profiler` trace of the command into WORKDIR/profile (TensorBoard).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "predict", "convert", "make-meta", "demo")
+COMMANDS = ("train", "eval", "predict", "convert", "make-meta", "demo", "ablate")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/anomalyclip.py:visa.")
@@ -31,6 +35,9 @@ flags.DEFINE_string("pth", None, "convert: the official checkpoint (.pth).")
 flags.DEFINE_string("dataset", None, "make-meta: dataset layout (mvtec, visa, mpdd, btad, ...).")
 flags.DEFINE_string("root", None, "make-meta: dataset root folder.")
 flags.DEFINE_bool("overwrite", False, "convert: replace an existing output directory.")
+flags.DEFINE_string("sweep", None, "ablate: comma-separated variants or field=value overrides.")
+flags.DEFINE_list("seeds", None, "ablate: training seeds to average (default: train.seed).")
+flags.DEFINE_bool("profile", False, "Write a jax.profiler trace into WORKDIR/profile.")
 
 
 def _config(default_method: str = "anomalyclip"):
@@ -87,6 +94,14 @@ def _make_meta() -> None:
     print(meta.make_meta(FLAGS.dataset, FLAGS.root, FLAGS.out))
 
 
+def _ablate() -> None:
+    from genclip_jax import ablate
+
+    _require("workdir", "sweep")
+    seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+    ablate.run_ablation(_config(), FLAGS.workdir, ablate.split_sweep(FLAGS.sweep), seeds)
+
+
 def _demo() -> None:
     from genclip_jax import demo
 
@@ -122,13 +137,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     args = argv[1:]
     handlers = {"train": _train, "eval": _eval, "predict": _predict,
-                "make-meta": _make_meta, "demo": _demo}
-    if _command == "convert":
-        _convert(args)
-        return
-    if args:
+                "make-meta": _make_meta, "demo": _demo, "ablate": _ablate}
+    if _command != "convert" and args:
         raise app.UsageError(f"{_command}: unexpected arguments {args}")
-    handlers[_command]()
+    run_command = (lambda: _convert(args)) if _command == "convert" else handlers[_command]
+    if not FLAGS.profile:
+        run_command()
+        return
+    import jax
+
+    _require("workdir")
+    with jax.profiler.trace(str(pathlib.Path(FLAGS.workdir) / "profile")):
+        run_command()
 
 
 def run(argv: list[str] | None = None) -> None:

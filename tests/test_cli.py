@@ -39,7 +39,7 @@ def test_a_missing_workdir_is_a_usage_error():
 def test_an_unknown_command_prints_the_usage():
     result = _cli("fit")
     assert result.returncode == 2
-    assert "usage: genclip-jax {train,eval,predict,convert,make-meta,demo}" in result.stderr
+    assert "usage: genclip-jax {train,eval,predict,convert,make-meta,demo,ablate}" in result.stderr
 
 
 def test_make_meta_writes_meta_json(tmp_path):
@@ -54,3 +54,22 @@ def test_make_meta_writes_meta_json(tmp_path):
     tests = meta["test"]["disc"]
     assert sorted(e["specie_name"] for e in tests) == ["good", "spot"]
     assert [e["anomaly"] for e in tests if e["specie_name"] == "spot"] == [1]
+
+
+def test_ablate_rejects_a_sweep_naming_an_unknown_field(tmp_path):
+    result = _cli("ablate", "--config=configs/tiny.py:genclip", f"--workdir={tmp_path / 'run'}",
+                  f"--config.data.train_root={tmp_path}", f"--config.data.test_root={tmp_path}",
+                  "--sweep=mvp,genclip.no_such_knob=1")
+    assert result.returncode != 0
+    assert "unknown config field 'genclip.no_such_knob'" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_profile_writes_a_trace(tmp_path):
+    data = tmp_path / "data"
+    synthetic.write_synthetic_dataset(data, image_size=28, classes=("disc",), defects=("spot",),
+                                      n_train_good=1, n_test_good=1, n_test_defect_per_type=1)
+    result = _cli("make-meta", "--dataset=mvtec", f"--root={data}", "--profile",
+                  f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
