@@ -110,4 +110,4 @@ class TextTransformer(nn.Module):
             x, _ = block(x, is_causal=True)
         x = self.ln_final(x)
         pooled = x[jnp.arange(n_seq), eot_index]
-        return pooled @ self.text_projection.astype(pooled.dtype)
+        return (pooled @ self.text_projection.astype(pooled.dtype)).astype(jnp.float32)

@@ -162,4 +162,6 @@ class VisionTransformer(nn.Module):
             hidden_mean = jnp.stack([hidden[layer] for layer in hidden_layers])
         else:
             hidden_mean = jnp.zeros((0, b, self.width), x.dtype)
-        return VisionFeatures(global_feature, patch_tokens, hidden_mean)
+        # Features leave the tower in float32: similarities, softmax and maps stay fp32 in bf16.
+        return jax.tree.map(lambda f: f.astype(jnp.float32),
+                            VisionFeatures(global_feature, patch_tokens, hidden_mean))
