@@ -285,6 +285,17 @@ HUB_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run_hub_script(directory, env: dict) -> dict:
+    """Runs HUB_SCRIPT in a fresh process (the hub reads its cache paths at import)."""
+    run = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(directory)],
+        env=env, capture_output=True, text=True, timeout=120,
+        cwd=pathlib.Path(__file__).parent,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def test_hub_ids_offline_from_cache_and_fail_fast(hf, tmp_path):
     """HF_HUB_OFFLINE=1: a cached hub id loads; an uncached one fails in seconds, saying where
     to put the files. Runs in a subprocess so that the hub's cache location is read from env."""
@@ -299,13 +310,7 @@ def test_hub_ids_offline_from_cache_and_fail_fast(hf, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu",
                HF_HOME=str(tmp_path / "home"), HF_HUB_CACHE=str(tmp_path / "hub"))
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    run = subprocess.run(
-        [sys.executable, "-c", HUB_SCRIPT, str(hf["dirs"]["safetensors"])],
-        env=env, capture_output=True, text=True, timeout=120,
-        cwd=pathlib.Path(__file__).parent,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = _run_hub_script(hf["dirs"]["safetensors"], env)
     assert result["same"]
     assert result["error"] is not None, "an uncached hub id loaded offline"
     assert result["seconds"] < 10, result
@@ -319,13 +324,7 @@ def test_hub_ids_offline_from_cache_and_fail_fast(hf, tmp_path):
     env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="https://hub.genclip-test.invalid")
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(proxy, None)
-    run = subprocess.run(
-        [sys.executable, "-c", HUB_SCRIPT, str(hf["dirs"]["safetensors"])],
-        env=env, capture_output=True, text=True, timeout=120,
-        cwd=pathlib.Path(__file__).parent,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = _run_hub_script(hf["dirs"]["safetensors"], env)
     assert result["same"]  # the cache is still used first, without asking the hub
     assert result["error"] is not None and result["seconds"] < 10, result
     assert "hub.genclip-test.invalid cannot be reached" in result["error"], result["error"]
