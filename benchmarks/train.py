@@ -4,8 +4,9 @@ The real `train.train` (PIL pipeline, frozen forward or cache, text side + loss 
 checkpoint per epoch) with random weights at a real CLIP shape (default ViT-L/14@336px at 518) on
 a one-class synthetic set. Step times come from the metric writer (`train/loss` is written each
 step after the step's result is on the host). One JSON line per (cache, epoch); epoch 1 is timed
-from the end of its first step (compilation excluded, reported as `first_step_s`) and needs 2+
-steps. With the cache, epoch 1 fills it and later epochs decode no image and skip the encoder.
+from the end of its first step (needs 2+ steps): backbone init, compilation and step 1 are
+reported as `until_first_step_s`. With the cache, epoch 1 fills it and later epochs decode no
+image and skip the encoder.
 
     python benchmarks/train.py --batch-size 1 --images 2 --epochs 2    # CPU: ~12 s per image
     python benchmarks/train.py --arch ViT-B/16 --image-size 224 --batch-size 8 --images 32
@@ -47,7 +48,7 @@ def epoch_rows(times: list[float], start: float, steps: int, batch: int) -> list
         rows.append({"epoch": epoch + 1, "timed_steps": timed, "seconds": round(seconds, 3),
                      "steps_per_s": round(timed / seconds, 4) if timed else None,
                      "images_per_s": round(timed * batch / seconds, 4) if timed else None})
-    rows[0]["first_step_s"] = round(times[0] - start, 3)
+    rows[0]["until_first_step_s"] = round(times[0] - start, 3)
     return rows
 
 

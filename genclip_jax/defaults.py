@@ -139,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.num_processes = 0
     c.parallel.process_id = -1
     c.parallel.initialization_timeout = 300
+    c.parallel.heartbeat_timeout = 100  # a process whose peer died stops after this many seconds
     return c
 
 

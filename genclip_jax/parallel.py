@@ -23,11 +23,13 @@ def initialize(cfg: ml_collections.ConfigDict) -> None:
     """Starts `jax.distributed` for a multi-process run (`parallel.multihost`).
 
     Empty / negative fields are left to JAX's auto-detection (TPU VMs, SLURM, ...). A coordinator
-    that cannot be reached fails after `initialization_timeout` seconds instead of hanging.
+    that cannot be reached fails after `initialization_timeout` seconds, and a process whose peer
+    died stops after `heartbeat_timeout` seconds, instead of hanging.
     """
     if not cfg.multihost or jax.distributed.is_initialized():
         return
-    kwargs = {"initialization_timeout": int(cfg.initialization_timeout)}
+    kwargs = {"initialization_timeout": int(cfg.initialization_timeout),
+              "heartbeat_timeout_seconds": int(cfg.heartbeat_timeout)}
     if cfg.coordinator_address:
         kwargs["coordinator_address"] = cfg.coordinator_address
     if cfg.num_processes > 0:

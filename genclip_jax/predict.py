@@ -33,7 +33,9 @@ def write_scores(path: pathlib.Path, names: Sequence[str], scores: dict[str, np.
     write_atomic(path, buffer.getvalue())
 
 
-def _save_host_panels(out: pathlib.Path, names: Sequence[str], host_batch: dict, outputs: dict):
+def _save_host_panels(
+    out: pathlib.Path, names: Sequence[str], host_batch: dict, outputs: dict
+) -> None:
     """Heatmap panels of this host's valid rows of one batch."""
     maps = parallel.host_local(outputs["anomaly_map"])
     images = pipeline.display_images(host_batch["image"])

@@ -8,6 +8,8 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import jax
 import numpy as np
@@ -27,15 +29,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, data_root, num_processes: int, started=None, timeout: float = 900,
-            extra=lambda pid: []):
-    """Runs `genclip-jax train` as processes `started` (default all) of `num_processes`;
-    `extra(pid)` adds flags to one process."""
+def _start(workdir, data_root, num_processes: int, started=None, extra=lambda pid: []):
+    """Starts `genclip-jax train` as processes `started` (default all) of `num_processes`;
+    `extra(pid)` adds flags to one process (later flags win)."""
     port = _free_port()
     env = {**subprocess_env(), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [
-        subprocess.Popen(
+    # Output goes to files: a full pipe would block a process that nobody reads yet.
+    procs = []
+    for pid in range(num_processes) if started is None else started:
+        log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read and closed by _finish
+        proc = subprocess.Popen(
             [sys.executable, "-m", "genclip_jax.cli", "train", *cli_overrides(data_root),
              f"--workdir={workdir}", "--config.train.epochs=1",
              "--config.eval.heatmaps_per_class=0", "--config.parallel.multihost=true",
@@ -43,11 +47,26 @@ def _launch(workdir, data_root, num_processes: int, started=None, timeout: float
              f"--config.parallel.num_processes={num_processes}",
              f"--config.parallel.process_id={pid}",
              "--config.parallel.initialization_timeout=20", *extra(pid)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
-        for pid in (range(num_processes) if started is None else started)
-    ]
-    return [(p.communicate(timeout=timeout)[0], p.returncode) for p in procs]
+        proc.log = log
+        procs.append(proc)
+    return procs
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, int]:
+    """Waits for a `_start`ed process: (its output, its exit code)."""
+    proc.wait(timeout=timeout)
+    with proc.log:
+        proc.log.seek(0)
+        return proc.log.read(), proc.returncode
+
+
+def _launch(workdir, data_root, num_processes: int, started=None, timeout: float = 900,
+            extra=lambda pid: []):
+    """`_start`, then each process's (output, exit code)."""
+    procs = _start(workdir, data_root, num_processes, started, extra)
+    return [_finish(p, timeout) for p in procs]
 
 
 def _final_params(config, workdir):
@@ -107,3 +126,25 @@ def test_processes_with_different_configs_stop_before_training(data_root, tmp_pa
     assert any("processes disagree on the config" in out for out, _ in results)
     assert not (tmp_path / "w" / "checkpoints").is_dir() or not any(
         (tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_a_killed_process_stops_its_peer_and_a_restart_resumes(data_root, tmp_path):
+    """Kill process 1 after the first epoch's checkpoint: process 0 exits (heartbeat timeout)
+    instead of hanging; the same command then resumes from that checkpoint and finishes."""
+    workdir = tmp_path / "w"
+    flags = lambda pid: ["--config.train.epochs=3", "--config.parallel.heartbeat_timeout=10"]
+    procs = _start(workdir, data_root, 2, extra=flags)
+    first = workdir / "checkpoints" / "1"
+    deadline = time.monotonic() + 600
+    while not first.is_dir() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a process ended before the checkpoint"
+        time.sleep(0.5)
+    assert first.is_dir()
+    procs[1].kill()
+    output, code = _finish(procs[0], timeout=240)
+    assert code != 0, output[-3000:]
+    results = _launch(workdir, data_root, 2, extra=flags)
+    for i, (out, code) in enumerate(results):
+        assert code == 0, f"process {i} failed after the restart:\n{out[-4000:]}"
+    assert "resumed from the checkpoint of epoch" in results[0][0]
+    assert (workdir / "checkpoints" / "3").is_dir()
