@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,10 +115,15 @@ class CLIP(nn.Module):
         return self.text.encode_embeddings(embeddings, eot_index, injections)
 
 
-def init_params(config: CLIPConfig, seed: int = 0) -> dict:
-    """Random parameters of the right shapes (tests, benchmarks, shape templates)."""
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config: CLIPConfig):
+    """One compiled initialiser per architecture: compiling it costs ~20 s even when tiny."""
     res = config.image_resolution
     images = jnp.zeros((1, res, res, 3), jnp.float32)
     ids = jnp.zeros((1, config.context_length), jnp.int32)
-    init = jax.jit(lambda key: CLIP(config).init(key, images, ids)["params"])
-    return init(jax.random.PRNGKey(seed))
+    return jax.jit(lambda key: CLIP(config).init(key, images, ids)["params"])
+
+
+def init_params(config: CLIPConfig, seed: int = 0) -> dict:
+    """Random parameters of the right shapes (tests, benchmarks, shape templates)."""
+    return _jitted_init(config)(jax.random.PRNGKey(seed))
