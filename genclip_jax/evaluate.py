@@ -124,12 +124,15 @@ def predict_dataset(
         "label": np.zeros((n,), np.int32),
     }
     for _, outputs in predictions(config, model, dataset):
-        rows = parallel.gather(outputs)
-        keep = rows["valid"].astype(bool)
-        idx = rows["index"][keep]
-        for key in out:
-            out[key][idx] = rows[key][keep]
+        store_rows(out, parallel.gather(outputs))
     return out
+
+
+def store_rows(out: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> None:
+    """Writes the valid rows of one gathered batch into `out` at their dataset indices."""
+    keep = rows["valid"].astype(bool)
+    for key in out:
+        out[key][rows["index"][keep]] = rows[key][keep]
 
 
 def image_embeddings(
@@ -145,10 +148,9 @@ def image_embeddings(
         rows = parallel.gather({"emb": embed(model.clip_params, batch["image"]),
                                 "index": batch["index"], "valid": batch["valid"]})
         if out is None:
-            out = np.zeros((len(dataset), rows["emb"].shape[-1]), np.float32)
-        keep = rows["valid"].astype(bool)
-        out[rows["index"][keep]] = rows["emb"][keep]
-    return out
+            out = {"emb": np.zeros((len(dataset), rows["emb"].shape[-1]), np.float32)}
+        store_rows(out, rows)
+    return out["emb"]
 
 
 def adapt_to_classes(

@@ -54,19 +54,18 @@ def predict_folder(
     model = evaluate.load_model(config, workdir)
     out = pathlib.Path(out_dir)
     n = len(dataset)
-    scores = {"image_score": np.zeros(n, np.float32), "pixel_max": np.zeros(n, np.float32)}
-    read = np.zeros(n, bool)
+    scores = {"image_score": np.zeros(n, np.float32), "pixel_max": np.zeros(n, np.float32),
+              "read": np.zeros(n, bool)}
     for host_batch, outputs in evaluate.predictions(
         config, model, dataset, desc="predict", skip_unreadable=True
     ):
         _save_host_panels(out / "heatmaps", names, host_batch, outputs)
-        rows = parallel.gather({"image_score": outputs["image_score"], "index": outputs["index"],
-                                "valid": outputs["valid"],
-                                "pixel_max": _pixel_max(outputs["anomaly_map"])})
-        idx = rows["index"][rows["valid"]]
-        read[idx] = True
-        for key in scores:
-            scores[key][idx] = rows[key][rows["valid"]]
+        evaluate.store_rows(scores, parallel.gather({
+            "image_score": outputs["image_score"], "index": outputs["index"],
+            "valid": outputs["valid"], "read": outputs["valid"],
+            "pixel_max": _pixel_max(outputs["anomaly_map"]),
+        }))
+    read = scores.pop("read")
     pipeline.warn_skipped(images, [*skipped, *(names[i] for i in np.flatnonzero(~read))])
     if not read.any():
         raise ValueError(f"{images}: expected at least one readable image, found none")
