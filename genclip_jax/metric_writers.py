@@ -1,23 +1,30 @@
 """Metric writers with `clu.metric_writers`' method names, without TensorFlow.
 
-`clu.metric_writers` imports TensorFlow (DESIGN §6), so TensorBoard events are written with
-`tensorboardX` instead. Training code calls ``writer.write_scalars(step, {...})`` exactly as with
-clu; `create_default_writer` mirrors clu's factory (TensorBoard + console on process 0, nothing on
-the other processes of a multi-host run).
+`clu.metric_writers` imports TensorFlow (DESIGN §6), so TensorBoard events are built with
+`tensorboardX`'s protos and summaries instead, and written synchronously (never blocks, fails
+loudly when the disk is full). Training code calls ``writer.write_scalars(step, {...})`` exactly
+as with clu; `create_default_writer` mirrors clu's factory (TensorBoard + console on process 0,
+nothing on the other processes of a multi-host run).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import itertools
 import os
-from collections.abc import Mapping, Sequence
+import socket
+import struct
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import tensorboardX
 from absl import logging
 from tensorboardX import summary as tbx_summary
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 Scalar = int | float | np.number | np.ndarray | jax.Array
 
@@ -76,38 +83,97 @@ class MetricWriter(abc.ABC):
         self.flush()
 
 
+_EVENTS_FILE_IDS = itertools.count()  # distinct names for writers opened in the same second
+
+
+def _events_path(logdir: str) -> str:
+    """A new file name TensorBoard picks up: ``events.out.tfevents.<time>.<host>.<pid>.<n>``."""
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_EVENTS_FILE_IDS)}")
+    return os.path.join(logdir, name)
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: u64 length, masked crc32c of the length, payload, masked crc32c of it."""
+    header = struct.pack("<Q", len(data))
+    return (header + struct.pack("<I", masked_crc32c(header)) + data
+            + struct.pack("<I", masked_crc32c(data)))
+
+
 class TensorBoardWriter(MetricWriter):
-    """TensorBoard event files under `logdir`, written by tensorboardX (no TensorFlow)."""
+    """TensorBoard event files under `logdir`, appended on the calling thread.
+
+    tensorboardX's SummaryWriter writes from a thread fed by a bounded queue: once that thread
+    dies (disk full), `add_scalar` blocks forever. A few events per step need no thread, so each
+    call frames its events (tensorboardX protos and summaries) and writes them unbuffered; any
+    OSError raises at once, naming the events file.
+    """
 
     def __init__(self, logdir: str | os.PathLike) -> None:
         self.logdir = os.fspath(logdir)
-        self._writer = tensorboardX.SummaryWriter(logdir=self.logdir)
+        self.path = _events_path(self.logdir)
+        with self._naming_file():
+            os.makedirs(self.logdir, exist_ok=True)
+            self._file = open(self.path, "xb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._write([event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")])
+
+    @contextlib.contextmanager
+    def _naming_file(self) -> Iterator[None]:
+        """Re-raises an OSError with the events file named; `errno` is kept."""
+        try:
+            yield
+        except OSError as err:
+            error = OSError(f"cannot write TensorBoard events to {self.path}: {err}")
+            error.errno = err.errno
+            raise error from err
+
+    def _write(self, events: Sequence[event_pb2.Event]) -> None:
+        data = memoryview(b"".join(_record(e.SerializeToString()) for e in events))
+        with self._naming_file():
+            while data:  # a write may be partial (e.g. the last bytes before a full disk)
+                data = data[self._file.write(data):]
+
+    def _write_summaries(self, step: int | None, summaries: Sequence[Any]) -> None:
+        now = time.time()
+        events = [event_pb2.Event(wall_time=now, summary=s) for s in summaries]
+        if step is not None:
+            for event in events:
+                event.step = int(step)
+        self._write(events)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-        for key, value in scalars.items():
-            self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
+        self._write_summaries(step, [tbx_summary.scalar(key, float(np.asarray(value)))
+                                     for key, value in scalars.items()])
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        summaries = []
         for key, image in images.items():
             batch = _image_batch(key, image)
             if batch.dtype != np.uint8:  # tensorboardX scales floats by 255 without clipping
                 batch = np.clip(batch.astype(np.float32), 0.0, 1.0)
-            self._writer.add_images(key, batch, global_step=step, dataformats="NHWC")
+            summaries.append(tbx_summary.image(key, batch, dataformats="NHWC"))
+        self._write_summaries(step, summaries)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        for key, text in texts.items():
-            self._writer.add_text(key, text, global_step=step)
+        self._write_summaries(step, [tbx_summary.text(key, text) for key, text in texts.items()])
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        # tensorboardX's add_hparams opens a new sub-run; write into this run like clu does.
-        for event in tbx_summary.hparams(_flatten_hparams(hparams), {}):
-            self._writer.file_writer.add_summary(event)
+        # Into this run like clu (tensorboardX's add_hparams opens a new sub-run).
+        self._write_summaries(None, tbx_summary.hparams(_flatten_hparams(hparams), {}))
 
     def flush(self) -> None:
-        self._writer.flush()
+        """Writes are unbuffered: flushing makes them durable (fsync)."""
+        with self._naming_file():
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._writer.close()
+        if self._file.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._naming_file():
+                self._file.close()
 
 
 class LoggingWriter(MetricWriter):

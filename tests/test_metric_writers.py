@@ -1,29 +1,44 @@
-"""Metric writers: TensorBoard events read back, console line format, process-0-only output."""
+"""Metric writers: TensorBoard events read back, console line format, process-0-only output,
+write failures raised at once (never a hang)."""
 
+import errno
 import logging
+import os
 import pathlib
+import re
 import struct
+import subprocess
+import sys
+import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2, summary_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 from genclip_jax import metric_writers
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
 
 def _read_events(logdir: pathlib.Path) -> list[event_pb2.Event]:
-    """Parse TFRecord-framed events: u64 length, u32 crc, payload, u32 crc (crcs not checked)."""
+    """Parse TFRecord-framed events: u64 length, u32 crc, payload, u32 crc (crcs checked)."""
     events = []
     for path in sorted(logdir.glob("events.out.tfevents.*")):
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack_from("<Q", data, offset)
-            offset += 12
-            events.append(event_pb2.Event.FromString(data[offset : offset + length]))
-            offset += length + 4
+            header = data[offset : offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack_from("<I", data, offset + 8) == (masked_crc32c(header),)
+            payload = data[offset + 12 : offset + 12 + length]
+            assert struct.unpack_from("<I", data, offset + 12 + length) == (
+                masked_crc32c(payload),)
+            events.append(event_pb2.Event.FromString(payload))
+            offset += 12 + length + 4
     return events
 
 
@@ -38,6 +53,69 @@ def test_tensorboard_scalars_read_back(tmp_path):
     writer.close()
     scalars = [(step, v.tag, v.simple_value) for step, v in _summaries(tmp_path)]
     assert scalars == [(1, "loss", 0.5), (1, "lr", pytest.approx(1e-3)), (2, "loss", 0.25)]
+    (path,) = tmp_path.iterdir()
+    assert re.fullmatch(r"events\.out\.tfevents\.\d{10}\..+", path.name)
+    assert _read_events(tmp_path)[0].file_version == "brain.Event:2"
+
+
+def test_tensorboard_writer_starts_no_thread(tmp_path):
+    before = set(threading.enumerate())
+    writer = metric_writers.TensorBoardWriter(tmp_path)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.write_images(1, {"rgb": np.zeros((4, 4, 3), np.uint8)})
+    writer.flush()
+    assert set(threading.enumerate()) == before
+    writer.close()
+    writer.close()  # a second close is a no-op
+
+
+class _FullDisk:
+    """A file whose writes fail like a full disk."""
+
+    closed = False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_tensorboard_write_error_names_the_events_file(tmp_path):
+    writer = metric_writers.TensorBoardWriter(tmp_path)
+    writer._file.close()
+    writer._file = _FullDisk()
+    with pytest.raises(OSError, match=re.escape(
+            f"cannot write TensorBoard events to {writer.path}: [Errno 28] No space left")) as err:
+        writer.write_scalars(1, {"loss": 0.5})
+    assert err.value.errno == errno.ENOSPC
+    assert pathlib.Path(writer.path).parent == tmp_path
+
+
+def test_tensorboard_file_size_limit_raises_instead_of_hanging(tmp_path):
+    # A real failing write: past RLIMIT_FSIZE (SIGXFSZ ignored) write() fails with EFBIG.
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from genclip_jax import metric_writers
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        writer = metric_writers.TensorBoardWriter({str(tmp_path)!r})
+        try:
+            for step in range(100_000):
+                writer.write_scalars(step, {{"loss": 0.5, "lr": 1e-3}})
+        except OSError as err:
+            print(f"step {{step}} errno {{err.errno}}: {{err}}")
+            sys.exit(3)
+    """)
+    try:
+        run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("writing TensorBoard events past the file size limit hung for 60 s")
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    assert run.returncode == 3, run.stderr
+    step, message = re.fullmatch(r"step (\d+) (.*)\n", run.stdout).groups()
+    assert message == (f"errno {errno.EFBIG}: cannot write TensorBoard events to {path}: "
+                       f"[Errno {errno.EFBIG}] File too large")
+    assert 0 < int(step) < 100  # raised on the write that crossed 4 KiB, not later
+    assert path.stat().st_size == 4096
 
 
 def test_tensorboard_images_texts_hparams(tmp_path):
