@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pathlib
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -60,6 +62,45 @@ def overlay(
     if mask is not None:
         out[outline(mask)] = OUTLINE_RGB
     return out
+
+
+def _relative_input(img_path: str) -> pathlib.PurePosixPath:
+    path = pathlib.PurePosixPath(img_path)
+    if path.is_absolute() or ".." in path.parts or not path.name:
+        raise ValueError(
+            f"heatmap input path {img_path!r}: expected a relative file path without '..' "
+            "components (its panel goes to the same relative path under the output folder)"
+        )
+    return path
+
+
+def panel_names(img_paths: Sequence[str]) -> list[str]:
+    """Relative POSIX path of the panel of each input, all distinct, mirroring the inputs' folders.
+
+    Each is the input path with its suffix replaced by `.png` (`a/b.jpg` -> `a/b.png`). Inputs of
+    one folder that would share a name (`a/b.png`, `a/b.jpg`) keep their full file name plus
+    `.png` (`a/b.png.png`, `a/b.jpg.png`), so no panel silently overwrites another. A name still
+    taken by an earlier input, or by a folder of the output (`a.png/` next to `a.jpg`), gets
+    `~1`, `~2`, ... before `.png`, in input order.
+    """
+    paths = [_relative_input(p) for p in img_paths]
+    plain = [p.with_suffix(".png").as_posix() for p in paths]
+    shared = collections.Counter(plain)
+    wanted = [
+        name if shared[name] == 1 else f"{path.as_posix()}.png"
+        for path, name in zip(paths, plain, strict=True)
+    ]
+    reserved = set(wanted)
+    taken = {parent.as_posix() for p in paths for parent in p.parents}  # a file can't be a folder
+    names = []
+    for name in wanted:
+        candidate, k = name, 0
+        while candidate in taken or (k and candidate in reserved):
+            k += 1
+            candidate = f"{name.removesuffix('.png')}~{k}.png"
+        taken.add(candidate)
+        names.append(candidate)
+    return names
 
 
 def panel_path(out_dir: str | os.PathLike, img_path: str) -> pathlib.Path:

@@ -98,6 +98,87 @@ def test_image_modes(tmp_path):
     )
 
 
+
+def test_non_8bit_images_are_mapped_by_their_range(tmp_path):
+    gray = np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8)
+    gray[0, :2] = (0, 255)
+    from_l = pipeline.image_transform(Image.fromarray(gray), S)
+    as_float = gray.astype(np.float32)
+    for name, image in {
+        "unit.tif": Image.fromarray(as_float / 255),  # PIL alone would make this black
+        "byte.tif": Image.fromarray(as_float),
+        "word.tif": Image.fromarray(as_float * 257),
+        "int32.tif": Image.fromarray(gray.astype(np.int32) * 257),
+    }.items():
+        read = pipeline.read_image(_save(tmp_path, name, image))
+        assert read.mode == ("I" if name == "int32.tif" else "F")
+        np.testing.assert_array_equal(np.asarray(pipeline.to_8bit(read, name)), gray, name)
+        np.testing.assert_array_equal(pipeline.image_transform(read, S), from_l, name)
+    # 16-bit PNG: rounded x / 257, so 257 * k -> k and 65535 -> 255.
+    wide = np.array([[0, 128, 129, 257, 514, 257 * 200, 65535]], np.uint16)
+    read = pipeline.read_image(_save(tmp_path, "wide.png", Image.fromarray(wide)))
+    assert read.mode == "I;16"
+    assert np.asarray(pipeline.to_8bit(read, "wide.png")).tolist() == [[0, 0, 1, 1, 2, 200, 255]]
+    int32 = Image.fromarray(np.array([[0, 257, 65535]], np.int32))
+    assert np.asarray(pipeline.to_8bit(int32, "i")).tolist() == [[0, 1, 255]]
+    assert pipeline.to_8bit(Image.fromarray(gray), "l").mode == "L"  # 8-bit: untouched
+
+
+def _folder_dataset(folder, images):
+    """A predict-style dataset: every file of `images` {name: PIL image} saved under `folder`."""
+    folder.mkdir()
+    for name, image in images.items():
+        image.save(folder / name)
+    entries, skipped = pipeline.scan_image_folder(folder)
+    assert not skipped  # bad pixel values still have a readable header
+    return pipeline.Dataset.from_entries(folder, entries)
+
+
+def test_unmappable_pixel_ranges_raise_naming_the_file(tmp_path):
+    bad = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)
+    with_inf, with_nan = bad.copy(), bad.copy()
+    with_inf[0, :2] = (np.inf, -np.inf)
+    with_nan[1:3, 1] = np.nan
+    errors = {
+        "inf.tif": (with_inf, r"inf\.tif: float image has 2 non-finite \(NaN or inf\) pixel"),
+        "nan.tif": (with_nan, r"nan\.tif: float image has 2 non-finite"),
+        "negative.tif": (
+            bad - 0.5,
+            r"negative\.tif: float image has values in \[-0\.5, 0\.5\]; expected them all in "
+            r"\[0, 1\], \[0, 255\] or \[0, 65535\]",
+        ),
+        "huge.tif": (bad * 70000, r"huge\.tif: float image has values in \[0, 70000\]"),
+        "int32.tif": (
+            np.array([[-1, 0], [70000, 3]], np.int32),
+            r"int32\.tif: 32-bit integer image has values in \[-1, 70000\]; expected \[0, 65535\]",
+        ),
+    }
+    dataset = _folder_dataset(
+        tmp_path / "bad", {name: Image.fromarray(values) for name, (values, _) in errors.items()}
+    )
+    for i in range(len(dataset)):
+        path = dataset.read(i, with_image=False).img_path
+        with pytest.raises(ValueError, match=errors[path][1]):
+            dataset.load(i, S)
+    with pytest.raises(ValueError, match=r"^image: float image has 2 non-finite"):
+        pipeline.image_transform(Image.fromarray(with_nan), S)  # no file name given
+    with pytest.raises(ValueError, match=r"^n\.tif: float image has 2 non-finite"):
+        pipeline.image_transform(Image.fromarray(with_nan), S, name="n.tif")
+
+
+def test_skip_unreadable_turns_a_nan_image_into_an_invalid_row(tmp_path):
+    nan = np.zeros((8, 8), np.float32)
+    nan[3, 3] = np.nan
+    good = Image.new("RGB", (8, 8), (10, 20, 30))
+    dataset = _folder_dataset(tmp_path / "imgs", {"a.png": good, "b.tif": Image.fromarray(nan)})
+    kwargs = dict(image_size=S, process_index=0, process_count=1, prefetch=0)
+    (batch,) = pipeline.batches(dataset, 2, skip_unreadable=True, **kwargs)
+    assert batch["valid"].tolist() == [True, False] and batch["index"].tolist() == [0, 1]
+    assert batch["img_path"].tolist() == ["a.png", ""] and not batch["image"][1].any()
+    np.testing.assert_array_equal(batch["image"][0], pipeline.image_transform(good, S))
+    with pytest.raises(ValueError, match=r"b\.tif: float image has 1 non-finite"):
+        list(pipeline.batches(dataset, 2, **kwargs))
+
 def test_mask_rule(tmp_path):
     values = np.array([[0, 1, 128, 255]] * 4, np.uint8).repeat(4, 1)  # 4x16, non-binary
     expected = values > 0
@@ -107,6 +188,11 @@ def test_mask_rule(tmp_path):
     np.testing.assert_array_equal(
         pipeline.mask_array(Image.fromarray(values.astype(np.uint16)), "m"), expected
     )
+    # Float masks are compared raw: 'L' would round 0.3 to 0 (normal); NaN is an error.
+    floats = Image.fromarray(np.array([[0.0, 0.3, 1.0, 7.5, -1.0]], np.float32))
+    assert pipeline.mask_array(floats, "f").tolist() == [[False, True, True, True, False]]
+    with pytest.raises(ValueError, match=r"f\.tif: float mask has 1 NaN pixel"):
+        pipeline.mask_array(Image.fromarray(np.array([[0.0, np.nan]], np.float32)), "f.tif")
     colour = np.zeros((4, 16, 3), np.uint8)
     colour[0, 0] = (255, 0, 0)
     with pytest.raises(ValueError, match=r"red\.png: mask is a colour image"):

@@ -50,3 +50,27 @@ def test_save_panel_and_its_path(tmp_path):
     assert panel.shape == (6, 12, 3)
     np.testing.assert_array_equal(panel[:, :6], image)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_panel_names_mirror_the_inputs_and_never_collide():
+    mvtec = ["bottle/test/broken_large/000.png", "bottle/test/good/000.png"]
+    assert heatmaps.panel_names(mvtec) == mvtec
+    others = ["x.jpg", "a/b.tiff", "./c//d.JPG"]
+    assert heatmaps.panel_names(others) == ["x.png", "a/b.png", "c/d.png"]
+    # Flattening gave these three inputs one file; same stem in one folder keeps the full name.
+    assert heatmaps.panel_names(["a/b.png", "a/b.jpg", "a_b.png"]) == [
+        "a/b.png.png", "a/b.jpg.png", "a_b.png"
+    ]
+    # An input literally named like a disambiguated name: later ones get ~k, in input order.
+    inputs = ["a/b.jpg.png", "a/b.jpg", "a/b.png", "a/b.jpg~1.png", "c/d.png", "c/d.png"]
+    names = heatmaps.panel_names(inputs)
+    assert names == [
+        "a/b.jpg.png", "a/b.jpg~2.png", "a/b.png.png", "a/b.jpg~1.png", "c/d.png.png",
+        "c/d.png~1.png",
+    ]
+    assert len(set(names)) == len(names) and heatmaps.panel_names(inputs) == names
+    # A file panel may not take the name of an output folder (a.jpg next to folder a.png/).
+    assert heatmaps.panel_names(["a.jpg", "a.png/x.bmp"]) == ["a~1.png", "a.png/x.png"]
+    for bad in ("/abs/x.png", "a/../x.png", "", "."):
+        with pytest.raises(ValueError, match=rf"heatmap input path '{bad}': expected a relative"):
+            heatmaps.panel_names(["ok.png", bad])

@@ -11,8 +11,19 @@ Input rules (each violation raises an error naming the file):
     antialiased, JPEG-noisy or instance-labelled masks all work; a mask stored in colour (RGB/RGBA
     whose channels differ: usually a photo given as mask by mistake) is an error, as is a mask
     whose size differs from its image's (the reference would silently stretch it).
-  * 16-bit/32-bit integer images are scaled to 8 bits (x / 257) first; the reference's PIL
-    conversion would clip them to 255 (an all-white image). All 8-bit modes follow the reference.
+  * images whose pixels are not 8-bit are mapped to 8 bits by the range their values are really
+    in, then rounded (PIL's own conversion clips: a [0, 1] float image would be scored as black,
+    a 16-bit one as white); a range that cannot be told apart is an error, never a clip:
+      - 16-bit modes (I;16, I;16L, I;16B, I;16N): x / 257;
+      - 'I' (32-bit integer: how Pillow opens some 16-bit files): x / 257 when all values are in
+        [0, 65535], else ValueError with the range found;
+      - 'F' (32-bit float): any NaN or +-inf is a ValueError with their count; else, by the range
+        all values are in: [0, 1] -> x * 255, [0, 255] -> x, [0, 65535] -> x / 257, any other
+        (negative or larger) -> ValueError with the range found.
+    This happens when the image is read (`Dataset.read`/`load`, so the error names the file) and in
+    `image_transform`. All 8-bit modes follow the reference.
+  * masks in 16-bit, 32-bit or float modes are compared raw (> 0) instead of through 'L' (which
+    would clip or round them); a float mask holding NaN is an error.
 
 Batches (dicts of numpy arrays, leading axis = this host's rows):
   image (b, S, S, 3) float32 (left out with `with_images=False`), mask (b, S, S) float32 in
@@ -46,7 +57,9 @@ from genclip_jax.data import meta as meta_lib
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 DEFAULT_IMAGE_SIZE = 518
-_WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# Float ranges in the order they are tried: (upper end, scale to 8 bits).
+_FLOAT_RANGES = ((1.0, 255.0), (255.0, 1.0), (65535.0, 1 / 257))
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -87,15 +100,47 @@ def image_file_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ValueError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    if image.mode not in _WIDE_INTEGER_MODES:
+def to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """`image` with 8-bit pixels, mapped by the range its values are really in (module docstring).
+
+    8-bit modes come back unchanged. PIL's own conversion would clip instead, so a [0, 1] float
+    image would be scored as a black one; errors name the file (`name`) and the range found.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        scaled = np.asarray(image, np.float64) / 257
+    elif image.mode == "I":
+        values = np.asarray(image, np.float64)
+        lo, hi = values.min(), values.max()
+        if lo < 0 or hi > 65535:
+            raise ValueError(
+                f"{name}: 32-bit integer image has values in [{lo:.0f}, {hi:.0f}]; expected "
+                "[0, 65535] (16-bit pixels)"
+            )
+        scaled = values / 257
+    elif image.mode == "F":
+        values = np.asarray(image, np.float64)
+        non_finite = np.count_nonzero(~np.isfinite(values))
+        if non_finite:
+            raise ValueError(
+                f"{name}: float image has {non_finite} non-finite (NaN or inf) pixel(s) out of "
+                f"{values.size}; expected finite values"
+            )
+        lo, hi = values.min(), values.max()
+        scale = next((s for top, s in _FLOAT_RANGES if lo >= 0 and hi <= top), None)
+        if scale is None:
+            raise ValueError(
+                f"{name}: float image has values in [{lo:g}, {hi:g}]; expected them all in "
+                "[0, 1], [0, 255] or [0, 65535]"
+            )
+        scaled = values * scale
+    else:
         return image
-    scaled = np.clip(np.asarray(image, np.float64), 0, 65535) / 257.0
     return Image.fromarray(np.round(scaled).astype(np.uint8))
 
 
 def mask_array(mask: Image.Image, name: str) -> np.ndarray:
-    """(H, W) bool defect mask: every pixel > 0 after conversion to 'L' (the reference rule)."""
+    """(H, W) bool defect mask: every pixel > 0 after conversion to 'L' (the reference rule);
+    16-bit, 32-bit and float masks are compared raw, since 'L' would clip or round them."""
     if mask.mode in ("RGB", "RGBA"):
         rgb = np.asarray(mask.convert("RGB"))
         if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
@@ -103,8 +148,16 @@ def mask_array(mask: Image.Image, name: str) -> np.ndarray:
                 f"{name}: mask is a colour image (RGB channels differ); expected a grayscale or "
                 "binary mask (0 = normal, > 0 = defect)"
             )
-    if mask.mode in _WIDE_INTEGER_MODES:
-        return np.asarray(mask) > 0
+    if mask.mode == "F":
+        values = np.asarray(mask)
+        nan = np.count_nonzero(np.isnan(values))
+        if nan:
+            raise ValueError(
+                f"{name}: float mask has {nan} NaN pixel(s); expected 0 = normal, > 0 = defect"
+            )
+        return values > 0  # 'L' would round small values such as 0.3 to 0
+    if mask.mode in _SIXTEEN_BIT_MODES or mask.mode == "I":
+        return np.asarray(mask) > 0  # 'L' would clip them
     return np.asarray(mask.convert("L")) > 0
 
 
@@ -115,12 +168,15 @@ def _flat_mean_std(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(CLIP_MEAN, pixels), np.tile(CLIP_STD, pixels)
 
 
-def image_transform(image: Image.Image, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-    """(S, S, 3) float32 CLIP-normalised image: PIL BICUBIC resize in the source mode, then RGB.
+def image_transform(
+    image: Image.Image, image_size: int = DEFAULT_IMAGE_SIZE, name: str = "image"
+) -> np.ndarray:
+    """(S, S, 3) float32 CLIP-normalised image: `to_8bit`, PIL BICUBIC resize in that mode, RGB.
 
     Same float32 operations in the same order as torch's ToTensor + Normalize: bit-identical.
+    `name` (the file) is what an error about the pixel range names.
     """
-    resized = _to_8bit(image).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
+    resized = to_8bit(image, name).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
     mean, std = _flat_mean_std(image_size)
     x = np.array(resized, np.float32).reshape(-1)
     x /= np.float32(255)
@@ -151,7 +207,8 @@ def mask_transform(mask: np.ndarray | None, image_size: int = DEFAULT_IMAGE_SIZE
 
 @dataclasses.dataclass(frozen=True)
 class RawSample:
-    """A decoded, untransformed sample. `image` None = read without the image (labels and masks
+    """A decoded sample, not resized: `image` already mapped to 8 bits by `to_8bit` (so a pixel
+    range error names the file when it is read); None = read without the image (labels and masks
     only); `mask` None = no defect pixels; `label` -1 = unknown."""
 
     image: Image.Image | None
@@ -181,7 +238,7 @@ class Dataset:
         def read(i: int, with_image: bool) -> RawSample:
             entry = entries[i]
             image_path = root / entry["img_path"]
-            image = read_image(image_path) if with_image else None
+            image = to_8bit(read_image(image_path), str(image_path)) if with_image else None
             mask = None
             if entry["anomaly"] == 1 and entry["mask_path"]:
                 mask_path = root / entry["mask_path"]
@@ -229,7 +286,7 @@ class Dataset:
             name = _text(ex["img_path"])
             mask = mask_array(decode_image(ex["mask"], f"{name} (mask)"), f"{name} (mask)")
             return RawSample(
-                decode_image(ex["image"], name) if with_image else None,
+                to_8bit(decode_image(ex["image"], name), name) if with_image else None,
                 mask,
                 int(ex["label"]),
                 _text(ex["cls_name"]),
