@@ -103,12 +103,6 @@ def panel_names(img_paths: Sequence[str]) -> list[str]:
     return names
 
 
-def panel_path(out_dir: str | os.PathLike, img_path: str) -> pathlib.Path:
-    """Where the panel of dataset image `img_path` goes: its relative path flattened, `.png`."""
-    stem = pathlib.PurePosixPath(img_path).with_suffix("").as_posix().replace("/", "_")
-    return pathlib.Path(out_dir) / f"{stem}.png"
-
-
 def save_panel(
     path: str | os.PathLike,
     image: np.ndarray,

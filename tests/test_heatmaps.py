@@ -41,9 +41,9 @@ def test_overlay_scales_by_the_given_range_and_draws_the_outline():
         heatmaps.overlay(image, np.zeros((4, 4)))
 
 
-def test_save_panel_and_its_path(tmp_path):
-    path = heatmaps.panel_path(tmp_path / "disc", "disc/test/spot/001.png")
-    assert path == tmp_path / "disc" / "disc_test_spot_001.png"
+def test_save_panel_writes_image_and_overlay_side_by_side(tmp_path):
+    path = tmp_path / heatmaps.panel_names(["disc/test/spot/001.jpg"])[0]
+    assert path == tmp_path / "disc" / "test" / "spot" / "001.png"
     image = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
     assert heatmaps.save_panel(path, image, np.zeros((6, 6))) == path
     panel = np.asarray(Image.open(path))
