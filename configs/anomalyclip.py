@@ -7,16 +7,17 @@ Point the dataset roots at folders holding a meta.json (`genclip-jax make-meta`)
   --config.data.train_root=/data/visa --config.data.test_root=/data/mvtec
 """
 
-from genclip_jax import defaults
+from genclip_jax import config_overrides, defaults
+
+ARGS = ("visa", "mvtec")
 
 
 def get_config(arg: str = "visa"):
+    config_overrides.check_config_arg("configs/anomalyclip.py", arg, ARGS)
     c = defaults.base_config()
     c.method = "anomalyclip"
     if arg == "visa":
         c.data.train_root, c.data.test_root = "data/visa", "data/mvtec"
-    elif arg == "mvtec":
-        c.data.train_root, c.data.test_root = "data/mvtec", "data/visa"
     else:
-        raise ValueError(f"configs/anomalyclip.py: arg must be 'visa' or 'mvtec', got {arg!r}")
+        c.data.train_root, c.data.test_root = "data/mvtec", "data/visa"
     return c

@@ -5,16 +5,17 @@
   get_config("visa"):  train on VisA (test split), evaluate zero-shot on MVTec AD.
 """
 
-from genclip_jax import defaults
+from genclip_jax import config_overrides, defaults
+
+ARGS = ("mvtec", "visa")
 
 
 def get_config(arg: str = "mvtec"):
+    config_overrides.check_config_arg("configs/genclip.py", arg, ARGS)
     c = defaults.base_config()
     c.method = "genclip"
     if arg == "mvtec":
         c.data.train_root, c.data.test_root = "data/mvtec", "data/visa"
-    elif arg == "visa":
-        c.data.train_root, c.data.test_root = "data/visa", "data/mvtec"
     else:
-        raise ValueError(f"configs/genclip.py: arg must be 'mvtec' or 'visa', got {arg!r}")
+        c.data.train_root, c.data.test_root = "data/visa", "data/mvtec"
     return c

@@ -3,8 +3,12 @@
   get_config("anomalyclip") (default) or get_config("genclip").
 """
 
-from genclip_jax import defaults
+from genclip_jax import config_overrides, defaults
+
+ARGS = ("anomalyclip", "genclip")
 
 
 def get_config(arg: str = "anomalyclip"):
-    return defaults.tiny_config(arg or "anomalyclip")
+    arg = arg or "anomalyclip"
+    config_overrides.check_config_arg("configs/tiny.py", arg, ARGS)
+    return defaults.tiny_config(arg)

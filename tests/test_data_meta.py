@@ -319,6 +319,22 @@ def test_make_meta(tmp_path):
     assert out.read_text() == path.read_text()
 
 
+def test_make_meta_keeps_an_existing_file_unless_overwrite(tmp_path):
+    path = tmp_path / "meta.json"
+    path.write_text("hand-edited\n")
+    # Refused before scanning: the tree does not even match the layout.
+    with pytest.raises(FileExistsError) as err:
+        meta_lib.make_meta("mvtec", str(tmp_path))
+    assert str(err.value) == (
+        f"{path} already exists: expected a new path, or pass --overwrite (overwrite=True) to "
+        "replace it"
+    )
+    assert path.read_text() == "hand-edited\n"
+    _mvtec_tree(tmp_path)
+    assert meta_lib.make_meta("mvtec", str(tmp_path), overwrite=True) == path
+    assert json.loads(path.read_text()) == meta_lib.generate_meta("mvtec", tmp_path)
+
+
 def test_split_entries(tmp_path):
     _mvtec_tree(tmp_path)
     meta = meta_lib.generate_meta("mvtec", tmp_path)

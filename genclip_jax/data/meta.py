@@ -380,13 +380,21 @@ def generate_meta(dataset: str, root: str | os.PathLike) -> Meta:
     return GENERATORS[dataset.lower()](root)
 
 
-def make_meta(dataset: str, root: str, out: str | None = None) -> pathlib.Path:
+def make_meta(
+    dataset: str, root: str, out: str | None = None, *, overwrite: bool = False
+) -> pathlib.Path:
     """Generates, checks (every listed file must exist) and writes meta.json; the CLI entry point.
 
-    `out` defaults to `<root>/meta.json`; returns the path written.
+    `out` defaults to `<root>/meta.json`; returns the path written. An existing file is kept
+    unless `overwrite` (meta.json files get hand-edited), checked before any scanning.
     """
-    meta = generate_meta(dataset, root)
     out_path = pathlib.Path(out) if out is not None else pathlib.Path(root) / "meta.json"
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{out_path} already exists: expected a new path, or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
+    meta = generate_meta(dataset, root)
     validate_meta(meta, source=out_path, root=root, check_files=True)
     return write_meta(meta, out_path)
 

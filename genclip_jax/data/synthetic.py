@@ -179,4 +179,4 @@ def write_synthetic_dataset(
                 if specie != "good":
                     mask_path = root / cls / "ground_truth" / specie / f"{i:03d}_mask.png"
                     _save_png(mask.astype(np.uint8) * 255, mask_path)
-    return meta_lib.make_meta("mvtec", str(root))
+    return meta_lib.make_meta("mvtec", str(root), overwrite=True)
