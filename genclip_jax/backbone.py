@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ml_collections
 
 from genclip_jax.clip import weights
@@ -10,16 +12,28 @@ from genclip_jax.clip.model import CLIPConfig, init_params
 _SWITCHES = ("dpam_start", "global_mode", "compute_dtype")
 
 
-def load_backbone(model_cfg: ml_collections.ConfigDict) -> tuple[CLIPConfig, dict]:
-    """(architecture, params): loaded from `model.clip`, or random for `model.clip == "random"`."""
+def load_backbone(
+    model_cfg: ml_collections.ConfigDict, check: Callable[[CLIPConfig], None] | None = None
+) -> tuple[CLIPConfig, dict]:
+    """(architecture, params): loaded from `model.clip`, or random for `model.clip == "random"`.
+
+    `check` sees the architecture before any parameter is built or converted (the random
+    backbone's initialisation compiles, a real one is read from disk), so a config that does not
+    fit the backbone fails before that work.
+    """
     switches = {name: model_cfg[name] for name in _SWITCHES}
     if model_cfg.clip == "random":
         config = CLIPConfig(**model_cfg.random_arch.to_dict(), **switches)
+        if check is not None:
+            check(config)
         return config, init_params(config, model_cfg.random_seed)
-    return weights.load(
+    config, params = weights.load(
         model_cfg.clip,
         vision_heads=model_cfg.vision_heads,
         text_heads=model_cfg.text_heads,
         npz_prefix=model_cfg.npz_prefix,
         **switches,
     )
+    if check is not None:
+        check(config)
+    return config, params

@@ -1,109 +1,57 @@
-"""Training checkpoints (Orbax) with the run config beside them, and params-only exports.
+"""Orbax checkpoints of a training run (read-write for `train`, read-only for everyone else) and
+params-only exports.
 
-Layout of a training workdir::
+Layout of one saved step under a run's ``checkpoints/``::
 
-    workdir/config.json           the run config (written by process 0, atomically)
-    workdir/checkpoints/<step>/   one Orbax checkpoint per saved step, the last `keep` kept
+    <step>/params/   the learnable prompt params: all that eval, predict and export restore
+    <step>/train/    {"step", "opt_state"}: what a resumed training needs besides the params
+
+Runs written by genclip_jax 0.1.0 hold one item, ``<step>/default/`` = {"step", "params",
+"opt_state"}; both kinds of reader still restore them.
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it when complete,
-so an interrupted save never shows up as a step; its leftovers are removed when the next
-`Checkpointer` opens the workdir.
+so an interrupted save never shows up as a step; the trainer's `Checkpointer` removes such
+leftovers when it opens a run. A read-only `Checkpointer` never writes, renames or deletes
+anything: it is safe on a shared, read-only model folder and beside a live training.
 
 Multi-host: every process must call `Checkpointer(...)`, `save`, `restore`, `save_params` and
-`load_params` (Orbax coordinates the processes and writes each array shard from its owner); only
-process 0 writes `config.json` and renames directories. Paths must be on a filesystem all
-processes see; `config.json` and `save_params` use local POSIX renames.
+`load_params` (Orbax coordinates the processes and writes each array shard from its owner). Paths
+must be on a filesystem all processes see.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import pathlib
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import ml_collections
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from genclip_jax.files import write_atomic
+from genclip_jax import parallel
 
 PyTree = Any
-ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
 
-# Dotted config fields (fnmatch patterns; `*` also matches dots) that may differ between the run
-# that wrote a workdir and a run resuming from it: they change how long, where (devices, hosts),
-# how fast (feature cache, prefetch) or how visibly we train, or what we evaluate on, not what
-# the checkpointed arrays mean.
-DEFAULT_MUTABLE_FIELDS: tuple[str, ...] = (
-    "workdir",
-    "train.epochs",
-    "train.cache_features",
-    "parallel.*",
-    "data.prefetch",
-    "data.test_*",
-    "eval.*",
-    "logging.*",
-    "progress.*",
-    "*log_every*",
-    "*checkpoint_every*",
-    "*progress*",
-)
-
-_ABSENT = "<absent>"
-_DEFAULT_ITEM = "default"  # Orbax's item name (and subdirectory) for a single-item manager
+PARAMS = "params"
+TRAIN = "train"
+_LEGACY = "default"  # the single item of genclip_jax 0.1.0 checkpoints
 
 
-def config_to_dict(config: ConfigLike) -> dict[str, Any]:
-    """JSON-normalised plain dict of a config, so that saved and live configs compare equal."""
-    if isinstance(config, ml_collections.ConfigDict):
-        return json.loads(config.to_json_best_effort())
-    try:
-        return json.loads(json.dumps(dict(config)))
-    except TypeError as e:
-        raise ValueError(f"config must be JSON-serialisable to be stored: {e}") from e
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; training must stop (the cause is chained)."""
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+class ShapeMismatchError(ValueError):
+    """Stored leaves disagree with the restore template; `stored` maps leaf paths to shapes."""
 
-
-def config_differences(
-    old: Mapping[str, Any],
-    new: Mapping[str, Any],
-    mutable_fields: Iterable[str] = DEFAULT_MUTABLE_FIELDS,
-) -> dict[str, tuple[Any, Any]]:
-    """Model-defining fields that differ, as ``{dotted_name: (old, new)}``.
-
-    Fields matching a `mutable_fields` pattern are ignored; a field present on one side only
-    counts as a difference (its missing side is ``"<absent>"``).
-    """
-    patterns = tuple(mutable_fields)
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    diffs = {}
-    for name in sorted(flat_old.keys() | flat_new.keys()):
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
-        before, after = flat_old.get(name, _ABSENT), flat_new.get(name, _ABSENT)
-        if before != after:
-            diffs[name] = (before, after)
-    return diffs
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+    def __init__(self, message: str, stored: dict[str, tuple[int, ...]]) -> None:
+        super().__init__(message)
+        self.stored = stored
 
 
 def _key_name(key: Any) -> str:
@@ -113,18 +61,20 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    """``{dotted.leaf.path: shape}``; dotted paths match Orbax's names for the same leaves."""
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    """``[(dotted.leaf.path, leaf)]``; dotted paths match Orbax's names for the same leaves."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        ".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
-        for path, leaf in leaves
-    }
+    return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in leaves]
+
+
+def leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    """``{dotted.leaf.path: shape}``."""
+    return {name: tuple(getattr(leaf, "shape", ())) for name, leaf in named_leaves(tree)}
 
 
 def _check_shapes(stored_tree: PyTree, abstract: PyTree, where: str) -> None:
     """Refuse a restore whose template disagrees with the stored leaves (another config)."""
-    stored, wanted = _leaf_shapes(stored_tree), _leaf_shapes(abstract)
+    stored, wanted = leaf_shapes(stored_tree), leaf_shapes(abstract)
     problems = [
         f"{name}: checkpoint {stored[name]} vs template {wanted[name]}"
         for name in sorted(stored.keys() & wanted.keys())
@@ -133,9 +83,10 @@ def _check_shapes(stored_tree: PyTree, abstract: PyTree, where: str) -> None:
     problems += [f"{name}: missing in checkpoint" for name in sorted(wanted.keys() - stored.keys())]
     problems += [f"{name}: not in template" for name in sorted(stored.keys() - wanted.keys())]
     if problems:
-        raise ValueError(
+        raise ShapeMismatchError(
             f"checkpoint {where} does not match the restore template (was it written with "
-            f"another config?): " + "; ".join(problems)
+            "another config?): " + "; ".join(problems),
+            stored,
         )
 
 
@@ -144,124 +95,141 @@ def _abstract(template: PyTree) -> PyTree:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
 
 
-class Checkpointer:
-    """Keep-last-N Orbax checkpoints of a training state under ``workdir/checkpoints``.
+def non_finite_leaves(tree: PyTree) -> list[str]:
+    """Paths of the floating-point leaves holding NaN or inf (reduced on device, so replicated
+    multi-host arrays work too)."""
+    bad = []
+    for name, leaf in named_leaves(tree):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            finite = jnp.isfinite(leaf).all()
+            if not bool(np.asarray(finite.addressable_data(0))):
+                bad.append(name)
+    return bad
 
-    Opening a workdir checks that its `config.json` (if any) defines the same model as `config`
-    (see `check_compatible`), then records `config` there, so a resumed run cannot silently
-    continue from arrays trained under another config.
+
+class Checkpointer:
+    """Keep-last-N Orbax checkpoints of a run's ``checkpoints/`` folder.
+
+    The trainer opens it read-write: saves are synchronous, so a failed save (a full disk, a lost
+    permission) raises `CheckpointSaveError` at once instead of failing unseen in a background
+    thread. Everyone else opens it with ``read_only=True``: no folder is created, no leftover
+    cleaned up, nothing written.
     """
 
     def __init__(
-        self,
-        workdir: str | os.PathLike,
-        config: ConfigLike,
-        *,
-        keep: int = 3,
-        save_interval_steps: int = 1,
-        mutable_fields: Iterable[str] = DEFAULT_MUTABLE_FIELDS,
+        self, directory: str | os.PathLike, *, keep: int = 3, read_only: bool = False
     ) -> None:
-        if keep < 1 or save_interval_steps < 1:
-            raise ValueError(
-                f"keep and save_interval_steps must be >= 1, got {keep} and {save_interval_steps}"
-            )
-        self.workdir = pathlib.Path(workdir).absolute()
-        self.config_path = self.workdir / "config.json"
-        self.mutable_fields = tuple(mutable_fields)
-        self.check_compatible(config)
-        _sync("genclip_jax.checkpoint.config_checked")
-        if jax.process_index() == 0:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n"
-            write_atomic(self.config_path, text)
-        # Registering the handler up front lets a fresh manager read the metadata of checkpoints
-        # written by an earlier run (needed for the shape check before the first restore).
+        if keep < 1:
+            raise ValueError(f"keep: expected >= 1 checkpoints to keep, got {keep}")
+        self.directory = pathlib.Path(directory).absolute()
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoints folder {self.directory}")
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        registry.add(_DEFAULT_ITEM, ocp.args.StandardSave)
-        registry.add(_DEFAULT_ITEM, ocp.args.StandardRestore)
-        self._manager = ocp.CheckpointManager(
-            self.workdir / "checkpoints",
-            handler_registry=registry,
-            options=ocp.CheckpointManagerOptions(
-                # Every `save_interval_steps`, on preemption notice, or when forced; unlike
-                # Orbax's default, no extra save of whatever step comes first.
-                save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
-                    [
-                        ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-                        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-                    ]
-                ),
+        for item in (PARAMS, TRAIN):
+            registry.add(item, ocp.args.StandardSave)
+            registry.add(item, ocp.args.StandardRestore)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, cleanup_tmp_directories=False,
+                save_interval_steps=0, enable_async_checkpointing=False,
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(1),
                 preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
-                create=True,
-                cleanup_tmp_directories=True,
-            ),
+                create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False,
+            )
+        self._manager = ocp.CheckpointManager(
+            self.directory, handler_registry=registry, options=options
         )
 
-    def check_compatible(self, config: ConfigLike) -> None:
-        """Raise ValueError if the workdir's `config.json` defines a different model."""
-        if not self.config_path.exists():
-            return
-        try:
-            old = json.loads(self.config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.config_path} is not valid JSON: {e}") from e
-        diffs = config_differences(old, config_to_dict(config), self.mutable_fields)
-        if diffs:
-            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
-            raise ValueError(
-                f"workdir {self.workdir} holds a run with a different config "
-                f"({self.config_path}); model-defining fields differ (old -> new):\n{lines}\n"
-                "Use a new workdir for a new config (only fields matching "
-                f"{list(self.mutable_fields)} may change when resuming)."
-            )
-
-    def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
-        """Save `state` at `step` (asynchronously); returns whether a save was started.
-
-        Skipped when `step` is off the save interval (unless `force`) or when a checkpoint at
-        `step` or later already exists, so a final save after a periodic one is harmless.
-        """
-        latest = self._manager.latest_step()
-        if latest is not None and step <= latest:
-            return False
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
-
-    def wait(self) -> None:
-        """Block until pending async saves are on disk (before exiting or reading them)."""
-        self._manager.wait_until_finished()
-
     def latest_step(self) -> int | None:
-        """Newest checkpoint step (on disk once `wait` returns), or None when there is none."""
+        """Newest complete checkpoint step, or None when there is none."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints kept, oldest first."""
         return sorted(self._manager.all_steps())
 
-    def restore(self, template: PyTree, step: int | None = None) -> PyTree:
-        """Restore `step` (default: latest) onto `template`'s structure, dtypes and shardings.
+    def step_path(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
 
-        `template` may hold concrete arrays or `jax.ShapeDtypeStruct`s (e.g. from
-        `jax.eval_shape`); leaves with a `sharding` come back as global arrays laid out that way.
+    def save(self, step: int, params: PyTree, train_state: PyTree) -> bool:
+        """Saves `params` and `train_state` as step `step`; False if `step` is not newer than the
+        latest checkpoint (a final save after a periodic one is harmless).
+
+        Raises:
+          ValueError: a leaf holds NaN or inf (a diverged run is never checkpointed).
+          CheckpointSaveError: the write failed; the message names the last complete checkpoint.
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory}: opened read-only, cannot save")
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        bad = non_finite_leaves({PARAMS: params, TRAIN: train_state})
+        if bad:
+            raise ValueError(f"step {step}: non-finite values in {bad}; a diverged state is "
+                             f"never saved. {self.last_good()}")
+        try:
+            return self._manager.save(step, args=ocp.args.Composite(**{
+                PARAMS: ocp.args.StandardSave(params), TRAIN: ocp.args.StandardSave(train_state),
+            }))
+        except Exception as err:
+            raise CheckpointSaveError(
+                f"could not save the checkpoint of step {step} under {self.directory}: "
+                f"{type(err).__name__}: {err}. {self.last_good()}"
+            ) from err
+
+    def last_good(self) -> str:
+        """A sentence naming the newest complete checkpoint, for errors that stop a run."""
+        latest = self.latest_step()
+        if latest is None:
+            return "There is no complete checkpoint yet"
+        return f"The last complete checkpoint is step {latest} ({self.step_path(latest)})"
+
+    def _resolve(self, step: int | None) -> int:
         if step is None:
             step = self.latest_step()
             if step is None:
-                raise FileNotFoundError(
-                    f"no checkpoint to restore under {self.workdir}/checkpoints"
-                )
+                raise FileNotFoundError(f"no checkpoint to restore under {self.directory}")
         elif step not in self._manager.all_steps():
             raise FileNotFoundError(
-                f"no checkpoint for step {step} under {self.workdir}/checkpoints; "
+                f"no checkpoint for step {step} under {self.directory}; "
                 f"available steps: {self.all_steps()}"
             )
-        abstract = _abstract(template)
-        stored = self._manager.metadata(step).item_metadata
-        _check_shapes(stored.tree, abstract, f"{self.workdir}/checkpoints/{step}")
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return step
+
+    def restore_params(self, template: PyTree, step: int | None = None) -> PyTree:
+        """The prompt params of `step` (default: latest) onto `template`'s shapes, dtypes and
+        shardings; `template` may hold `jax.ShapeDtypeStruct`s (`jax.eval_shape`)."""
+        return self._restore(step, template, None)[0]
+
+    def restore(
+        self, params_template: PyTree, train_template: PyTree, step: int | None = None
+    ) -> tuple[PyTree, PyTree]:
+        """(params, train_state) of `step` (default: latest), for resuming training."""
+        return self._restore(step, params_template, train_template)
+
+    def _restore(self, step, params_template, train_template) -> tuple[PyTree, PyTree]:
+        step = self._resolve(step)
+        where = self.step_path(step)
+        if (where / _LEGACY).is_dir():
+            return _restore_legacy(where / _LEGACY, params_template, train_template)
+        templates = {PARAMS: params_template, TRAIN: train_template}
+        metadata = self._manager.item_metadata(step)
+        args = {}
+        for item, template in templates.items():
+            if template is not None:
+                abstract = _abstract(template)
+                _check_shapes(metadata[item].tree, abstract, f"{where}/{item}")
+                args[item] = ocp.args.StandardRestore(abstract)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return restored[PARAMS], (restored[TRAIN] if train_template is not None else None)
 
     def close(self) -> None:
-        """Wait for pending saves and release Orbax's background resources."""
+        """Releases Orbax's resources."""
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:
@@ -269,6 +237,28 @@ class Checkpointer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _restore_legacy(path: pathlib.Path, params_template, train_template) -> tuple[PyTree, PyTree]:
+    """A genclip_jax 0.1.0 step: one {"step", "params", "opt_state"} item, read without writing.
+
+    Leaves the caller did not ask for are restored onto their stored shapes on one device."""
+    with ocp.StandardCheckpointer() as reader:
+        stored = reader.metadata(path).item_metadata.tree
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored
+        )
+        abstract[PARAMS] = _abstract(params_template)
+        if train_template is not None:
+            abstract["step"] = _abstract(train_template["step"])
+            abstract["opt_state"] = _abstract(train_template["opt_state"])
+        _check_shapes(stored[PARAMS], abstract[PARAMS], f"{path} (params)")
+        if train_template is not None:
+            _check_shapes(stored["opt_state"], abstract["opt_state"], f"{path} (opt_state)")
+        restored = reader.restore(path, abstract)
+    train_state = {"step": restored["step"], "opt_state": restored["opt_state"]}
+    return restored[PARAMS], (train_state if train_template is not None else None)
 
 
 def _params_checkpointer() -> ocp.Checkpointer:
@@ -283,15 +273,16 @@ def _params_checkpointer() -> ocp.Checkpointer:
 def save_params(
     directory: str | os.PathLike,
     params: PyTree,
-    config_dict: ConfigLike | None = None,
+    info: Mapping[str, Any] | None = None,
     *,
     overwrite: bool = False,
 ) -> None:
     """Export a params-only checkpoint (no optimizer state), e.g. a converted or final model.
 
-    Written completely into a hidden sibling directory, then renamed into place, so
-    `directory` only ever holds a whole export. A non-empty `directory` is refused unless
-    `overwrite`; then the old export is moved aside and deleted only after the swap.
+    `info` (JSON-serialisable: a config dict, conversion notes) is stored beside the params.
+    Written completely into a hidden sibling directory, then renamed into place, so `directory`
+    only ever holds a whole export. A non-empty `directory` is refused unless `overwrite`; then
+    the old export is moved aside and deleted only after the swap.
     """
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
@@ -301,8 +292,11 @@ def save_params(
             f"{directory} is not empty; pass overwrite=True to replace it or pick a new directory"
         )
     items = {"params": ocp.args.StandardSave(params)}
-    if config_dict is not None:
-        items["config"] = ocp.args.JsonSave(config_to_dict(config_dict))
+    if info is not None:
+        try:
+            items["config"] = ocp.args.JsonSave(json.loads(json.dumps(dict(info))))
+        except TypeError as e:
+            raise ValueError(f"info must be JSON-serialisable to be stored: {e}") from e
     staging = directory.with_name(f".{directory.name}.incoming")
     with _params_checkpointer() as checkpointer:
         checkpointer.save(staging, args=ocp.args.Composite(**items), force=True)
@@ -313,13 +307,13 @@ def save_params(
             directory.rename(old)
         staging.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
-    _sync("genclip_jax.checkpoint.save_params")
+    parallel.sync("genclip_jax.checkpoint.save_params")
 
 
 def load_params(
     directory: str | os.PathLike, template: PyTree | None = None
 ) -> tuple[PyTree, dict[str, Any] | None]:
-    """Read a `save_params` export: ``(params, config_dict or None)``.
+    """Read a `save_params` export: ``(params, info or None)``; writes nothing.
 
     Without `template` the params come back as nested dicts of arrays on the default device;
     with one, they take its structure, dtypes and shardings (shapes must match).

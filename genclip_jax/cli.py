@@ -1,43 +1,145 @@
 """`genclip-jax COMMAND [flags]`: a thin shell over train / evaluate / predict / convert / data.
 
-Every command takes `--config=configs/X.py:arg` and `--config.a.b=value` overrides; an override
-naming an unknown field is an error. Commands:
-
-  train      train (and evaluate, if data.test_root is set) into --workdir
-  eval       evaluate the workdir's latest checkpoint (or eval.params) on data.test_root
-  predict    score a folder of images (--images) into --out: scores.csv + heatmaps
-  convert    `convert anomalyclip --pth epoch_15.pth --out DIR`: official prompts -> params export
-  make-meta  `make-meta --dataset mvtec --root DIR`: write DIR/meta.json
-  demo       offline end to end: synthetic dataset, tiny random backbone, train, eval
-  ablate     `ablate --sweep=gqp_only,mvp,cnf,dual_branch --seeds=0,1`: train/eval each variant
-             (or `field=value` overrides joined by `+`) into one comparison table
-
-`--profile` writes a `jax.profiler` trace of the command into WORKDIR/profile (TensorBoard).
+`genclip-jax --help` lists the commands (the `COMMANDS` table), `genclip-jax COMMAND --help` shows
+one command's flags. Every config-taking command takes `--config=configs/X.py:arg` and
+`--config.a.b=value` overrides; an override naming an unknown field is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging as py_logging
 import pathlib
+import re
 import sys
+import textwrap
+from typing import NoReturn
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-COMMANDS = ("train", "eval", "predict", "convert", "make-meta", "demo", "ablate")
+from genclip_jax import config_overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    summary: str
+    flags: tuple[str, ...]  # names of the absl flags below that the command reads
+    example: str
+
+
+COMMANDS = {
+    "train": Command(
+        "train (and evaluate, if data.test_root is set) into --workdir",
+        ("config", "workdir", "profile"),
+        "genclip-jax train --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
+        "--config.data.train_root=/data/visa --config.data.test_root=/data/mvtec",
+    ),
+    "eval": Command(
+        "evaluate the workdir's latest checkpoint (or eval.params) on data.test_root",
+        ("config", "workdir", "out", "profile"),
+        "genclip-jax eval --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
+        "--config.data.test_root=/data/mpdd",
+    ),
+    "predict": Command(
+        "score a folder of images (--images) into --out: scores.csv + heatmaps",
+        ("config", "workdir", "images", "out", "profile"),
+        "genclip-jax predict --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
+        "--images=/data/new_parts --out=runs/ac_visa/new_parts",
+    ),
+    "convert": Command(
+        "`convert METHOD`: official checkpoint -> params export (eval.params)",
+        ("pth", "out", "overwrite"),
+        "genclip-jax convert anomalyclip --pth=epoch_15.pth --out=runs/official_visa",
+    ),
+    "make-meta": Command(
+        "write the meta.json of a raw dataset folder",
+        ("dataset", "root", "out", "overwrite"),
+        "genclip-jax make-meta --dataset=mvtec --root=/data/mvtec",
+    ),
+    "synthetic": Command(
+        "write a small synthetic MVTec-style dataset (images, masks, meta.json) into --out",
+        ("out", "seed", "overwrite"),
+        "genclip-jax synthetic --out=/tmp/genclip_try/source --seed=0",
+    ),
+    "demo": Command(
+        "offline end to end: synthetic dataset, tiny random backbone, train, eval",
+        ("config", "workdir", "profile"),
+        "genclip-jax demo --config=configs/tiny.py --workdir=/tmp/genclip_demo",
+    ),
+    "ablate": Command(
+        "train/eval each variant (or `field=value` overrides joined by `+`) into one table",
+        ("config", "workdir", "sweep", "seeds", "profile"),
+        "genclip-jax ablate --config=configs/genclip.py:mvtec --workdir=runs/gc_ablation "
+        "--sweep=gqp_only,mvp,cnf,dual_branch --seeds=0,1",
+    ),
+}
+HELP_ARGS = ("--help", "-help", "-h", "--helpfull", "-helpfull", "--helpshort", "-helpshort")
+OVERRIDES_HELP = """\
+config overrides: any field of the config, e.g. --config.train.lr=3e-4; list and tuple fields
+  take comma-separated values, bare or in () or []: --config.genclip.layers=6,12,18,24 or
+  --config.genclip.layers='(6,12,18,24)'; an empty value is an empty list.
+"""
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/anomalyclip.py:visa.")
+# The argv that ml_collections scans for `--config.*` overrides (it defaults to sys.argv): the one
+# parse_flags hands to absl, without the list/tuple overrides it applies itself.
+_CONFIG_ARGV: list[str] = []
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/anomalyclip.py:visa.", sys_argv=_CONFIG_ARGV
+)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tables, heatmaps.")
 flags.DEFINE_string("images", None, "predict: folder of images to score.")
-flags.DEFINE_string("out", None, "predict/convert/make-meta: output path.")
+flags.DEFINE_string(
+    "out", None,
+    "eval: output folder, default RUN/eval/<name of the test root>; predict: output folder, "
+    "default RUN/predict; convert: the params export folder; make-meta: the meta.json to write, "
+    "default ROOT/meta.json; synthetic: the dataset folder.",
+)
 flags.DEFINE_string("pth", None, "convert: the official checkpoint (.pth).")
 flags.DEFINE_string("dataset", None, "make-meta: dataset layout (mvtec, visa, mpdd, btad, ...).")
 flags.DEFINE_string("root", None, "make-meta: dataset root folder.")
-flags.DEFINE_bool("overwrite", False, "convert: replace an existing output directory.")
+flags.DEFINE_bool(
+    "overwrite", False,
+    "convert: replace an existing output directory; make-meta: replace an existing meta.json; "
+    "synthetic: write into a non-empty folder.",
+)
+flags.DEFINE_integer("seed", 0, "synthetic: seed of the images and defects.")
 flags.DEFINE_string("sweep", None, "ablate: comma-separated variants or field=value overrides.")
 flags.DEFINE_list("seeds", None, "ablate: training seeds to average (default: train.seed).")
 flags.DEFINE_bool("profile", False, "Write a jax.profiler trace into WORKDIR/profile.")
+
+
+def _wrap(text: str, indent: int, continuation: str = "") -> str:
+    """`text` in lines of at most 100 characters, indented; `continuation` ends all but the last."""
+    lines = textwrap.wrap(text, 96 - indent, break_long_words=False, break_on_hyphens=False)
+    return (continuation + "\n" + " " * (indent + 2)).join(lines)
+
+
+def usage() -> str:
+    """The command list: `genclip-jax --help` and the error for a missing or unknown command."""
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: genclip-jax {{{','.join(COMMANDS)}}} [flags]", "", "commands:"]
+    for name, command in COMMANDS.items():
+        lines.append(f"  {name:<{width}}  {command.summary}")
+        lines.append(" " * (width + 4) + "e.g. " + _wrap(command.example, width + 9, " \\"))
+    lines += ["", "genclip-jax COMMAND --help lists the flags of COMMAND.", "", OVERRIDES_HELP]
+    return "\n".join(lines)
+
+
+def command_help(name: str) -> str:
+    """`genclip-jax NAME --help`: the summary, the command's own flags and an example."""
+    command = COMMANDS[name]
+    width = max(len(f) for f in command.flags) + 2
+    lines = [f"usage: genclip-jax {name} [flags]", "", command.summary, "", "flags:"]
+    lines += [
+        f"  {'--' + flag:<{width}}  " + _wrap(FLAGS[flag].help, width + 2)
+        for flag in command.flags
+    ]
+    lines += ["", "example:", "  " + _wrap(command.example, 2, " \\"), ""]
+    if "config" in command.flags:
+        lines.append(OVERRIDES_HELP)
+    return "\n".join(lines)
 
 
 def _config(default_method: str = "anomalyclip"):
@@ -53,7 +155,9 @@ def _config(default_method: str = "anomalyclip"):
 def _require(*names: str) -> None:
     missing = [f"--{n}" for n in names if getattr(FLAGS, n) is None]
     if missing:
-        raise app.UsageError(f"{_command}: missing {', '.join(missing)}")
+        raise app.UsageError(
+            f"{_command}: missing {', '.join(missing)} (see genclip-jax {_command} --help)"
+        )
 
 
 def _train() -> None:
@@ -67,15 +171,14 @@ def _eval() -> None:
     from genclip_jax import evaluate
 
     _require("workdir")
-    evaluate.evaluate(_config(), FLAGS.workdir)
+    evaluate.evaluate(_config(), FLAGS.workdir, out=FLAGS.out)
 
 
 def _predict() -> None:
     from genclip_jax import predict
 
     _require("workdir", "images")
-    out = FLAGS.out or str(pathlib.Path(FLAGS.workdir) / "predict")
-    print(predict.predict_folder(_config(), FLAGS.workdir, FLAGS.images, out))
+    print(predict.predict_folder(_config(), FLAGS.workdir, FLAGS.images, FLAGS.out))
 
 
 def _convert(args: list[str]) -> None:
@@ -91,7 +194,7 @@ def _make_meta() -> None:
     from genclip_jax.data import meta
 
     _require("dataset", "root")
-    print(meta.make_meta(FLAGS.dataset, FLAGS.root, FLAGS.out))
+    print(meta.make_meta(FLAGS.dataset, FLAGS.root, FLAGS.out, overwrite=FLAGS.overwrite))
 
 
 def _ablate() -> None:
@@ -100,6 +203,17 @@ def _ablate() -> None:
     _require("workdir", "sweep")
     seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
     ablate.run_ablation(_config(), FLAGS.workdir, ablate.split_sweep(FLAGS.sweep), seeds)
+
+
+def _synthetic() -> None:
+    from genclip_jax.data import synthetic
+
+    _require("out")
+    out = pathlib.Path(FLAGS.out)
+    if out.is_dir() and any(out.iterdir()) and not FLAGS.overwrite:
+        raise FileExistsError(f"--out={out} is not empty: give a new folder, or --overwrite to "
+                              "write the dataset into it")
+    print(synthetic.write_synthetic_dataset(out, seed=FLAGS.seed))
 
 
 def _demo() -> None:
@@ -113,31 +227,109 @@ _command = ""
 
 
 class _QuietLibraries(py_logging.Filter):
-    """Keeps our INFO lines (progress, metrics) but only warnings from Orbax's chatty internals."""
+    """Keeps our INFO lines (progress, metrics) but only warnings from Orbax's chatty internals,
+    less the one every read-only checkpoint reader (eval, predict) would print."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        return record.levelno >= py_logging.WARNING and "read only" not in record.getMessage()
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser; an override naming a field the config lacks exits like any bad flag."""
+def _flags_error(message: str) -> NoReturn:
+    """Exits like absl does on a bad flag."""
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+    sys.exit(1)
+
+
+_CONFIG_FLAG = re.compile(r"--?config(?:=(.*))?", re.DOTALL)
+_OVERRIDE_FLAG = re.compile(r"--?config\.([\w.]+)(?:=(.*))?", re.DOTALL)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of the last `--config` (absl's rule), None if there is none."""
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if match := _CONFIG_FLAG.fullmatch(arg):
+            spec = match[1] if match[1] is not None else (argv[i + 1:] or [None])[0]
+    return spec
+
+
+def _load_config(spec: str) -> ConfigDict:
+    """Loads `--config` ahead of absl: a missing file or bad arg gets one line, not a traceback."""
+    path = spec.split(":", 1)[0]
+    if not pathlib.Path(path).is_file():
+        _flags_error(f"--config={spec}: file {path} not found (e.g. configs/anomalyclip.py:visa)")
     try:
-        return app.parse_flags_with_usage(argv)
+        return config_flags.config_flags.ConfigFileFlagParser("config").parse(spec)
+    except (TypeError, ValueError) as err:  # re-raised with the traceback as text; cause inside
+        _flags_error(f"--config={spec}: {err.__context__ or err}")
+
+
+def _sequence_field(config: object, path: str) -> list | tuple | None:
+    """The value of the list/tuple field at dotted `path`, None if it is absent or not one."""
+    for key in path.split("."):
+        if not isinstance(config, ConfigDict) or key not in config:
+            return None
+        config = config[key]
+    return config if isinstance(config, (list, tuple)) else None
+
+
+def _take_sequence_overrides(
+    argv: list[str], config: ConfigDict
+) -> tuple[list[str], dict[str, list | tuple]]:
+    """Splits the `--config.F=value` of list/tuple fields F off `argv`, with their parsed values.
+
+    ml_collections cannot override lists and reads `'(a,b)'` on a tuple as `('(a,b)',)`.
+    """
+    kept: list[str] = []
+    values: dict[str, list | tuple] = {}
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            kept += [arg, *args]
+            break
+        match = _OVERRIDE_FLAG.fullmatch(arg)
+        default = _sequence_field(config, match[1]) if match else None
+        if default is None:
+            kept.append(arg)
+            continue
+        name = f"--config.{match[1]}"
+        text = match[2] if match[2] is not None else next(args, None)
+        if text is None:
+            _flags_error(f"{name}: expected a value, e.g. {name}=a,b")
+        try:
+            values[match[1]] = config_overrides.parse_sequence(text, default, name)
+        except ValueError as err:
+            _flags_error(str(err))
+    return kept, values
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, plus list/tuple overrides; an unknown field exits like any bad flag."""
+    spec = _config_spec(argv)
+    sequences: dict[str, list | tuple] = {}
+    if spec is not None:
+        argv, sequences = _take_sequence_overrides(argv, _load_config(spec))
+    _CONFIG_ARGV[:] = argv
+    try:
+        rest = app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:  # how ml_collections reports an unknown field
         message: object = err
         while isinstance(message, BaseException) and message.args:  # KeyError inside AttributeError
             message = message.args[0]
-        sys.stderr.write(
-            "FATAL Flags parsing error: a --config.* override names a field the config does not "
-            f"have: {message}\n"
-        )
-        sys.exit(1)
+        _flags_error(f"a --config.* override names a field the config does not have: {message}")
+    for path, value in sequences.items():
+        config_flags.config_path.set_value(path, FLAGS.config, value)
+    return rest
 
 
-def main(argv: list[str]) -> None:
+def _run_command(argv: list[str]) -> None:
     args = argv[1:]
-    handlers = {"train": _train, "eval": _eval, "predict": _predict,
-                "make-meta": _make_meta, "demo": _demo, "ablate": _ablate}
+    handlers = {"train": _train, "eval": _eval, "predict": _predict, "make-meta": _make_meta,
+                "synthetic": _synthetic, "demo": _demo, "ablate": _ablate}
     if _command != "convert" and args:
         raise app.UsageError(f"{_command}: unexpected arguments {args}")
     run_command = (lambda: _convert(args)) if _command == "convert" else handlers[_command]
@@ -151,19 +343,41 @@ def main(argv: list[str]) -> None:
         run_command()
 
 
+def main(argv: list[str]) -> None:
+    """Runs the command; the errors that name what to fix (bad input, a failed save, a diverged
+    loss) end it with that message alone and exit code 1 (the traceback at --verbosity=1)."""
+    from genclip_jax import checkpoint, train
+
+    try:
+        _run_command(argv)
+    except (ValueError, OSError, checkpoint.CheckpointSaveError,
+            train.NonFiniteLossError) as err:
+        logging.debug("traceback of the error below", exc_info=True)
+        sys.stderr.write(f"genclip-jax {_command}: error: {err}\n")
+        sys.exit(1)
+
+
 def run(argv: list[str] | None = None) -> None:
-    """Console entry point: the first argument picks the command."""
+    """Console entry point: the first argument picks the command; help needs no other flag."""
     global _command
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["help"] and len(argv) > 2:  # `help COMMAND` is `COMMAND --help`
+        argv = [argv[0], argv[2], "--help"]
+    if len(argv) > 1 and argv[1] in (*HELP_ARGS, "help"):
+        print(usage())
+        return
     if len(argv) < 2 or argv[1] not in COMMANDS:
-        got = argv[1] if len(argv) > 1 else "nothing"
-        sys.stderr.write(f"usage: genclip-jax {{{','.join(COMMANDS)}}} [flags]; got {got}\n"
-                         + (__doc__ or ""))
+        got = repr(argv[1]) if len(argv) > 1 else "nothing"
+        sys.stderr.write(f"genclip-jax: expected a command, got {got}\n\n{usage()}")
         sys.exit(2)
     _command = argv[1]
+    flag_args = argv[2:argv.index("--")] if "--" in argv else argv[2:]
+    if any(arg in HELP_ARGS for arg in flag_args):
+        print(command_help(_command))
+        return
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    app.run(main, argv=[f"{argv[0]} {argv[1]}", *argv[2:]], flags_parser=_parse_flags)
+    app.run(main, argv=[f"{argv[0]} {argv[1]}", *argv[2:]], flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

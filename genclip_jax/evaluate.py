@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from genclip_jax import checkpoint, heatmaps, metrics, parallel
+from genclip_jax import checkpoint, files, heatmaps, metrics, parallel, run_dir, validate
 from genclip_jax.backbone import load_backbone
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline
@@ -29,24 +29,35 @@ from genclip_jax.files import write_atomic
 from genclip_jax.methods import create_method
 
 
-def load_trained_params(config: ml_collections.ConfigDict, workdir: str, method):
-    """Prompt params from `eval.params` (a params export) or the workdir's latest checkpoint."""
-    template = method.init(jax.random.PRNGKey(0))
-    if config.eval.params:
-        params, _ = checkpoint.load_params(config.eval.params, template)
-        return params
-    from genclip_jax import train
-
-    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}: train first, or set eval.params to a params export "
-            "(e.g. the output of `genclip-jax convert`)"
-        )
-    tx = train.make_optimizer(config.train)
-    with checkpoint.Checkpointer(workdir, config, keep=config.train.checkpoint_keep) as ckpt:
-        state = ckpt.restore(train.create_train_state(method, tx, config.train.seed))
-    return state.params
+def load_trained_params(
+    config: ml_collections.ConfigDict, workdir: str, method, mesh: Mesh
+) -> tuple[Any, str]:
+    """(params, where from): prompt params from `eval.params` (a params export) or the run's
+    latest checkpoint, read without writing anything and without building an optimizer,
+    replicated on `mesh`."""
+    shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0))
+    template = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
+        shapes,
+    )
+    source = config.eval.params
+    try:
+        if source:
+            return checkpoint.load_params(source, template)[0], source
+        run = run_dir.RunDir(workdir)
+        run.check_readable(config)
+        with checkpoint.Checkpointer(run.checkpoints, read_only=True) as ckpt:
+            source = str(ckpt.step_path(ckpt.latest_step()))
+            return ckpt.restore_params(template), source
+    except checkpoint.ShapeMismatchError as err:
+        hints = method.shape_hints(err.stored)
+        if not hints:
+            raise
+        fields = " ".join(f"--config.{h.split(' ')[0]}" for h in hints)
+        raise ValueError(
+            f"the prompts in {source} do not fit this config; their shapes imply:\n  "
+            + "\n  ".join(hints) + f"\nSet {fields} (or use the run's config)."
+        ) from err
 
 
 def make_predict_fn(method) -> Callable:
@@ -68,22 +79,28 @@ class Model:
     clip_params: Any
     mesh: Mesh
     predict: Callable
+    source: str  # where the params came from: a checkpoint step, a params export, the caller
 
 
 def load_model(config: ml_collections.ConfigDict, workdir: str, params=None) -> Model:
     """The model for `eval`/`predict`: `params` if given, else `load_trained_params`."""
     mesh = parallel.setup(config.parallel)
     parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    clip_config, clip_params = load_backbone(config.model)
+    clip_config, clip_params = load_backbone(
+        config.model, check=lambda clip: validate.check_backbone(config, clip)
+    )
     method = create_method(config, clip_config)
     if params is None:
-        params = load_trained_params(config, workdir, method)
+        params, source = load_trained_params(config, workdir, method, mesh)
+    else:
+        params, source = parallel.replicate(jax.device_get(params), mesh), "given params"
     return Model(
         method=method,
-        params=parallel.replicate(jax.device_get(params), mesh),
+        params=params,
         clip_params=parallel.replicate(clip_params, mesh),
         mesh=mesh,
         predict=make_predict_fn(method),
+        source=source,
     )
 
 
@@ -181,7 +198,7 @@ def class_rows(
     for cls in dict.fromkeys(names):
         idx = np.flatnonzero(names == cls)
         logging.info("metrics of %s (%d images)", cls, len(idx))
-        rows[cls] = metrics.compute_class_metrics(
+        rows[str(cls)] = metrics.compute_class_metrics(
             results["anomaly_map"][idx], results["mask"][idx].astype(np.float32),
             results["image_score"][idx], results["label"][idx],
             metrics=list(config.eval.metrics), aupro_mode=config.eval.aupro_mode,
@@ -196,8 +213,10 @@ def write_heatmaps(
     results: dict[str, np.ndarray],
     per_class: int,
 ) -> list[pathlib.Path]:
-    """The first `per_class` images of each class, maps scaled by the class's value range."""
+    """The first `per_class` images of each class, maps scaled by the class's value range; files
+    named by `heatmaps.panel_names` (unique per input path)."""
     names = np.array([e["cls_name"] for e in entries])
+    panels = heatmaps.panel_names([e["img_path"] for e in entries])
     written = []
     size = results["anomaly_map"].shape[-1]
     for cls in dict.fromkeys(names):
@@ -207,38 +226,91 @@ def write_heatmaps(
         for i in idx[:per_class]:
             image = pipeline.image_transform(dataset.read(int(i)).image, size)
             written.append(heatmaps.save_panel(
-                heatmaps.panel_path(out_dir / cls, entries[i]["img_path"]),
-                pipeline.display_images(image), results["anomaly_map"][i],
+                out_dir / panels[i], pipeline.display_images(image), results["anomaly_map"][i],
                 results["mask"][i] if results["label"][i] else None, value_range,
             ))
     return written
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, params=None) -> dict:
-    """Evaluates on `data.test_root`; writes `eval/metrics.{md,csv,json}` and heatmaps.
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A test set whose every listed file was found, and the folder its results replace."""
+
+    root: str
+    entries: list[dict]
+    dataset: pipeline.Dataset
+    out: pathlib.Path
+
+
+def prepare_target(
+    config: ml_collections.ConfigDict, workdir: str, out: str | None = None
+) -> Target:
+    """What can be checked before any prediction: the test set's meta.json and every file it
+    lists, its class names, and that the output folder `out` (default: the run's
+    `eval/<name of the test root>/`) may be replaced and written."""
+    root = config.data.test_root
+    meta_path = pathlib.Path(root) / "meta.json"
+    meta = meta_lib.read_meta(meta_path, root=root, check_files=True)
+    classes = list(config.data.test_classes) or None
+    entries = meta_lib.split_entries(meta, config.data.test_split, classes)
+    if not entries:
+        raise ValueError(f"{meta_path}: no images in split {config.data.test_split!r}"
+                         + (f" for classes {classes}" if classes else "") + "; nothing to evaluate")
+    validate.check_class_names((e["cls_name"] for e in entries), str(meta_path))
+    flag = "--out" if out else f"eval output (default of --out, in the run {workdir})"
+    out_dir = files.check_replaceable(out or run_dir.RunDir(workdir).eval_dir(root), flag)
+    parallel.initialize(config.parallel)  # before the first question to JAX
+    if jax.process_index() == 0:
+        files.check_writable(out_dir.parent, flag)
+    return Target(root, entries, pipeline.Dataset.from_entries(root, entries), out_dir)
+
+
+def write_results(
+    config: ml_collections.ConfigDict, model: Model, target: Target, rows: dict,
+    decisions: dict, results: dict[str, np.ndarray],
+) -> None:
+    """Replaces `target.out` as a whole: tables, CNF decisions and eval.json first, heatmaps
+    last; heatmaps that fail do not cost the tables (they land, then the error is raised)."""
+    lead = jax.process_index() == 0
+    failure = None
+    with run_dir.staged_output(target.out) as stage:
+        if lead:
+            metrics.write_tables(rows, stage)
+            if decisions:
+                text = json.dumps({k: dataclasses.asdict(d) for k, d in decisions.items()},
+                                  indent=2)
+                write_atomic(stage / "class_names.json", text + "\n")
+            info = {"test_root": str(pathlib.Path(target.root).absolute()),
+                    "test_split": config.data.test_split, "images": len(target.entries),
+                    "classes": list(rows), "model": model.source,
+                    "config": run_dir.config_to_dict(config)}
+            write_atomic(stage / "eval.json", json.dumps(info, indent=2) + "\n")
+            try:
+                write_heatmaps(stage / "heatmaps", target.dataset, target.entries, results,
+                               config.eval.heatmaps_per_class)
+            except (OSError, ValueError) as err:
+                failure = err
+    if failure is not None:
+        raise RuntimeError(f"writing the heatmaps failed ({failure}); the tables are complete "
+                           f"in {target.out}") from failure
+    if lead:
+        print(metrics.format_markdown(rows))
+        print(f"results in {target.out}")
+
+
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str, params=None, out: str | None = None
+) -> dict:
+    """Evaluates on `data.test_root`: tables, heatmaps and eval.json replace the folder `out`
+    (default: `<workdir>/eval/<name of the test root>/`). Never writes anything else.
 
     Returns {class: {metric: value}}; `params` default: `eval.params` or the latest checkpoint.
     """
-    if not config.data.test_root:
-        raise ValueError("data.test_root: set the root of the test dataset (with meta.json)")
-    root = config.data.test_root
-    meta = meta_lib.read_meta(pathlib.Path(root) / "meta.json", root=root)
-    entries = meta_lib.split_entries(
-        meta, config.data.test_split, list(config.data.test_classes) or None
-    )
-    dataset = pipeline.Dataset.from_entries(root, entries)
+    validate.validate(config, "eval")
+    target = prepare_target(config, workdir, out)
     model = load_model(config, workdir, params)
-    decisions = adapt_to_classes(config, model, dataset, entries)
-    results = predict_dataset(config, model, dataset)
-    rows = class_rows(entries, results, config)
-    if jax.process_index() == 0:
-        out_dir = pathlib.Path(workdir) / "eval"
-        paths = metrics.write_tables(rows, out_dir)
-        if decisions:
-            text = json.dumps({k: dataclasses.asdict(d) for k, d in decisions.items()}, indent=2)
-            write_atomic(out_dir / "class_names.json", text + "\n")
-        write_heatmaps(out_dir / "heatmaps", dataset, entries, results,
-                       config.eval.heatmaps_per_class)
-        logging.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-        print(metrics.format_markdown(rows))
+    decisions = adapt_to_classes(config, model, target.dataset, target.entries)
+    results = predict_dataset(config, model, target.dataset)
+    rows = class_rows(target.entries, results, config)
+    write_results(config, model, target, rows, decisions, results)
     return rows

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+MAP_REDUCTIONS = ("sum", "mean")  # over layers: AnomalyCLIP sums, GenCLIP averages
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -195,8 +196,8 @@ def anomaly_map(per_layer_probs: jax.Array | Sequence[jax.Array], reduce: str = 
     Returns:
       (B, H, W) ``reduce_l (p_l[..., 1] + 1 - p_l[..., 0]) / 2``.
     """
-    if reduce not in ("sum", "mean"):
-        raise ValueError(f"anomaly_map: reduce must be 'sum' or 'mean', got {reduce!r}")
+    if reduce not in MAP_REDUCTIONS:
+        raise ValueError(f"anomaly_map: reduce must be one of {MAP_REDUCTIONS}, got {reduce!r}")
     if not isinstance(per_layer_probs, jax.Array | np.ndarray):
         if len(per_layer_probs) == 0:
             raise ValueError("anomaly_map: per_layer_probs is empty (expected >= 1 layer)")

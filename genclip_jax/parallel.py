@@ -126,6 +126,12 @@ def all_processes(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
 
 
+def sync(name: str) -> None:
+    """Barrier over all processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def check_same_on_all_processes(name: str, value: str) -> None:
     """Stops a multi-process run whose processes disagree (config, dataset) before any training:
     each process hashes `value` and all hashes must agree."""

@@ -23,7 +23,7 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from genclip_jax import checkpoint, parallel
+from genclip_jax import checkpoint, evaluate, parallel, run_dir, validate
 from genclip_jax.backbone import load_backbone
 from genclip_jax.clip.vision import VisionFeatures
 from genclip_jax.data import pipeline
@@ -113,20 +113,44 @@ class FeatureCache:
 
 
 def train_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
-    if not config.data.train_root:
-        raise ValueError("data.train_root: set the root of the training dataset (with meta.json)")
-    return pipeline.Dataset.from_meta(
-        config.data.train_root, config.data.train_split, list(config.data.train_classes) or None
-    )
+    """The training split; every listed file is checked now, and an empty split is an error."""
+    root, split = config.data.train_root, config.data.train_split
+    classes = list(config.data.train_classes) or None
+    dataset = pipeline.Dataset.from_meta(root, split, classes)
+    if not len(dataset):
+        raise ValueError(
+            f"{pathlib.Path(root) / 'meta.json'}: no images in split {split!r}"
+            + (f" for classes {classes}" if classes else "") + "; nothing to train on "
+            "(data.train_split picks the split; the official recipe trains on 'test')"
+        )
+    return dataset
 
 
 def check_processes_agree(config: ml_collections.ConfigDict) -> None:
     """Multi-process runs: same config (but the process id) and same training meta.json."""
-    shared = checkpoint.config_to_dict(config)
+    shared = run_dir.config_to_dict(config)
     shared["parallel"].pop("process_id", None)
     parallel.check_same_on_all_processes("config", json.dumps(shared, sort_keys=True))
     meta = pathlib.Path(config.data.train_root) / "meta.json"
     parallel.check_same_on_all_processes("training data (meta.json)", meta.read_text())
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a step was NaN or infinite: training stops before that state is saved."""
+
+
+def _check_finite(
+    values: dict[str, float], step: int, epoch: int, ckpt: checkpoint.Checkpointer,
+    train_cfg: ml_collections.ConfigDict,
+) -> None:
+    if all(np.isfinite(v) for v in values.values()):
+        return
+    terms = " ".join(f"{k}={v:.6g}" for k, v in values.items())
+    raise NonFiniteLossError(
+        f"step {step} (epoch {epoch + 1}): the loss is not finite ({terms}); training stopped "
+        f"and this state was not saved. {ckpt.last_good()}. Lower train.lr (now "
+        f"{train_cfg.lr}) or check this epoch's data."
+    )
 
 
 def train(
@@ -134,26 +158,46 @@ def train(
 ) -> TrainState:
     """Trains the prompts; resumes from the workdir's latest checkpoint. Returns the final state.
 
-    Metrics go to `writer` (default: TensorBoard under `workdir/logs` + console): `train/*` every
-    `train.log_every_steps` steps, `epoch/*` (means over the epoch) at step = epoch number.
+    Everything is checked before the run directory is touched (config, data, the backbone's
+    fit); a run that fails then leaves no trace that would block the corrected command. Metrics
+    go to `writer` (default: TensorBoard under `workdir/logs` + console): `train/*` every
+    `train.log_every_steps` steps, `epoch/*` (means over the epoch) at step = epoch number. A
+    non-finite loss stops training at its step (`NonFiniteLossError`), a failed save at once
+    (`checkpoint.CheckpointSaveError`); neither leaves a checkpoint of a bad state.
     """
+    validate.validate(config, "train")
+    dataset = train_dataset(config)
+    run = run_dir.RunDir(workdir)
+    run.check_resumable(config)
     mesh = parallel.setup(config.parallel)
     parallel.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
-    dataset = train_dataset(config)
     check_processes_agree(config)
-    workdir_path = pathlib.Path(workdir)
-    ckpt = checkpoint.Checkpointer(workdir_path, config, keep=config.train.checkpoint_keep)
-    own_writer = writer is None
-    writer = create_default_writer(str(workdir_path / "logs")) if own_writer else writer
-    clip_config, clip_params = load_backbone(config.model)
+    clip_config, clip_params = load_backbone(
+        config.model, check=lambda clip: validate.check_backbone(config, clip)
+    )
     method = create_method(config, clip_config)
     tx = make_optimizer(config.train)
+
+    run.write_config(config)  # every check passed: from here on the run directory is written
+    own_writer = writer is None
+    writer = create_default_writer(str(run.path / "logs")) if own_writer else writer
+    try:
+        with checkpoint.Checkpointer(run.checkpoints, keep=config.train.checkpoint_keep) as ckpt:
+            return _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer)
+    finally:
+        if own_writer:
+            writer.close()
+
+
+def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) -> TrainState:
     clip_params = parallel.replicate(clip_params, mesh)
     state = parallel.replicate(create_train_state(method, tx, config.train.seed), mesh)
     start_epoch = ckpt.latest_step() or 0
     if start_epoch:
-        state = ckpt.restore(state, start_epoch)
-        logging.info("resumed from the checkpoint of epoch %d in %s", start_epoch, workdir)
+        params, rest = ckpt.restore(state.params, {"step": state.step,
+                                                   "opt_state": state.opt_state})
+        state = TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
+        logging.info("resumed from the checkpoint of epoch %d in %s", start_epoch, ckpt.directory)
 
     encode = make_encode_fn(method)
     update = make_update_fn(method, tx)
@@ -184,26 +228,28 @@ def train(
                 if cache is not None:
                     cache.put(host_batch["index"], feats)
             state, step_metrics = update(state, clip_params, feats, batch)
+            step = int(state.step)
+            values = {k: float(v) for k, v in jax.device_get(step_metrics.compute()).items()}
+            _check_finite(values, step, epoch, ckpt, config.train)
             epoch_metrics = (step_metrics if epoch_metrics is None
                              else epoch_metrics.merge(step_metrics))
-            step = int(state.step)
             if step % config.train.log_every_steps == 0:
-                writer.write_scalars(step, {f"train/{k}": float(v) for k, v in
-                                            step_metrics.compute().items()})
+                writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+        # The checkpoint first: it is what a failure must not cost.
+        ckpt.save(epoch + 1, state.params, {"step": state.step, "opt_state": state.opt_state})
         summary = {f"epoch/{k}": float(v) for k, v in epoch_metrics.compute().items()}
         writer.write_scalars(epoch + 1, summary)
-        ckpt.save(epoch + 1, state, force=True)
-    ckpt.close()
-    if own_writer:
-        writer.close()
     return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains, then evaluates the final prompts on `data.test_root` (if set)."""
-    from genclip_jax import evaluate
-
-    state = train(config, workdir)
+    """Trains, then evaluates the final checkpoint on `data.test_root` (if set) into
+    `<workdir>/eval/<name of the test root>/`. The test set and the output folder are checked
+    before training, so a bad test set does not cost a training run."""
+    validate.validate(config, "train")
+    if config.data.test_root:
+        evaluate.prepare_target(config, workdir)
+    train(config, workdir)
     if not config.data.test_root:
         return {}
-    return evaluate.evaluate(config, workdir, params=state.params)
+    return evaluate.evaluate(config, workdir)

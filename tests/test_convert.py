@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from train_helpers import subprocess_env, tiny_config, write_dataset
 
-from genclip_jax import convert, evaluate
+from genclip_jax import convert, evaluate, parallel
 from genclip_jax.clip.model import CLIPConfig
 from genclip_jax.methods import create_method
 
@@ -67,7 +69,9 @@ def test_eval_runs_on_the_converted_params(converted, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "load_model", lambda *a: models.append(load_model(*a)) or
                         models[-1])
     rows = evaluate.evaluate(config, str(tmp_path / "run"))
-    assert list(rows) == ["disc"] and (tmp_path / "run" / "eval" / "metrics.json").is_file()
+    out = tmp_path / "run" / "eval" / "data"
+    assert list(rows) == ["disc"] and (out / "metrics.json").is_file()
+    assert json.loads((out / "eval.json").read_text())["model"] == str(params_dir)
     params = jax.device_get(models[0].params)
     np.testing.assert_array_equal(params["ctx_pos"], state["ctx_pos"].numpy()[0, 0])
     np.testing.assert_array_equal(params["ctx_neg"], state["ctx_neg"].numpy()[0, 0])
@@ -75,14 +79,24 @@ def test_eval_runs_on_the_converted_params(converted, tmp_path, monkeypatch):
     np.testing.assert_array_equal(params["deep_prompts"], deep)
 
 
-def test_shapes_that_do_not_match_the_config_are_named(converted, tmp_path):
+def test_prompt_shapes_that_do_not_fit_the_config_name_the_fields_to_set(converted, tmp_path):
     _, params_dir = converted
     config = tiny_config(tmp_path)  # n_ctx 4, deep_depth 3, deep_length 2
     config.eval.params = str(params_dir)
     method = create_method(config, CLIPConfig(**config.model.random_arch.to_dict()))
-    with pytest.raises(ValueError, match=r"ctx_pos: checkpoint \(12, 32\) vs template \(4, 32\)"
-                       r".*deep_prompts: checkpoint \(8, 4, 32\) vs template \(2, 2, 32\)"):
-        evaluate.load_trained_params(config, "", method)
+    with pytest.raises(ValueError) as info:
+        evaluate.load_trained_params(config, "", method, parallel.make_mesh())
+    assert str(info.value).splitlines() == [
+        f"the prompts in {params_dir} do not fit this config; their shapes imply:",
+        f"  prompts.n_ctx={N_CTX} (config: 4)",
+        f"  prompts.deep_depth={DEPTH} (config: 3)",
+        f"  prompts.deep_length={DEEP_LENGTH} (config: 2)",
+        f"Set --config.prompts.n_ctx={N_CTX} --config.prompts.deep_depth={DEPTH} "
+        f"--config.prompts.deep_length={DEEP_LENGTH} (or use the run's config).",
+    ]
+    assert re.search(r"ctx_pos: checkpoint \(12, 32\) vs template \(4, 32\).*deep_prompts: "
+                     r"checkpoint \(8, 4, 32\) vs template \(2, 2, 32\)",
+                     str(info.value.__cause__))
 
 
 def test_a_pth_without_prompt_learner_is_refused(tmp_path):

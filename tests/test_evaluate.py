@@ -98,8 +98,10 @@ def test_predict_skips_unreadable_files_with_one_warning(data_root, tmp_path, mo
     assert [r["image"] for r in rows] == readable
     for row in rows:
         assert 0.0 <= float(row["image_score"]) <= 1.0 and float(row["pixel_max"]) > 0
-    panels = sorted(p.name for p in (tmp_path / "out" / "heatmaps").iterdir())
-    assert panels == ["img0.png", "img1.png", "img2.png", "sub_img3.png"]
+    assert [r["heatmap"] for r in rows] == [f"heatmaps/{name}" for name in readable]
+    panels = sorted(p.relative_to(tmp_path / "out").as_posix()
+                    for p in (tmp_path / "out" / "heatmaps").rglob("*.png"))
+    assert panels == [f"heatmaps/{name}" for name in readable]
     panel = np.asarray(Image.open(tmp_path / "out" / "heatmaps" / "img0.png"))
     assert panel.shape == (112, 224, 3)
     np.testing.assert_array_equal(  # the left half is the image exactly as the model saw it
@@ -122,7 +124,7 @@ def test_genclip_eval_runs_class_name_filtering_and_saves_it(data_root, tmp_path
     config.eval.heatmaps_per_class = 0
     rows = evaluate.evaluate(config, str(tmp_path), _prompt_params(config))
     assert set(rows) == {"disc"}
-    decisions = json.loads((tmp_path / "eval" / "class_names.json").read_text())
+    decisions = json.loads((tmp_path / "eval" / data_root.name / "class_names.json").read_text())
     assert set(decisions) == {"disc"}
     assert decisions["disc"]["rule"] == "B"
     kept = decisions["disc"]["score_name"] - decisions["disc"]["score_generic"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import signal
 import subprocess
@@ -52,10 +53,12 @@ def test_two_epochs_lower_the_loss_and_eval_writes_tables_and_heatmaps(reference
 
     rows = evaluate.evaluate(tiny_config(data_root), str(workdir))  # from the latest checkpoint
     assert list(rows) == ["disc"]
-    assert all(0.0 <= v <= 100.0 for v in rows["disc"].values())
-    for name in ("metrics.md", "metrics.csv", "metrics.json"):
-        assert (workdir / "eval" / name).stat().st_size > 0
-    panels = sorted((workdir / "eval" / "heatmaps" / "disc").glob("*.png"))
+    assert all(0.0 <= v <= 1.0 for v in rows["disc"].values())
+    out = workdir / "eval" / data_root.name
+    for name in ("metrics.md", "metrics.csv", "metrics.json", "eval.json"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "eval.json").read_text())["model"] == str(workdir / "checkpoints/2")
+    panels = sorted((out / "heatmaps").rglob("*.png"))
     assert len(panels) == 2  # eval.heatmaps_per_class of the tiny config
 
 
@@ -97,7 +100,7 @@ def test_a_workdir_of_another_config_is_refused(reference, data_root):
     workdir, _, _ = reference
     config = tiny_config(data_root)
     config.prompts.n_ctx = 5
-    with pytest.raises(ValueError, match=r"different config(.|\n)*prompts\.n_ctx: 4 -> 5"):
+    with pytest.raises(ValueError, match=r"cannot resume(.|\n)*prompts\.n_ctx: 4 \(run\) vs 5"):
         train.train(config, str(workdir), RecordingWriter())
 
 

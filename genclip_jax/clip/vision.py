@@ -21,6 +21,7 @@ from genclip_jax.clip.transformer import LayerNorm, ResidualBlock
 Dtype = Any
 
 GLOBAL_MODES = ("cls_no_ln_post", "clip")
+HIDDEN_STREAMS = ("vanilla", "vv")  # what `hidden_mean` averages
 
 
 @flax.struct.dataclass
@@ -116,7 +117,7 @@ class VisionTransformer(nn.Module):
             )
         _check_layers("patch_layers", patch_layers, self.layers)
         _check_layers("hidden_layers", hidden_layers, self.layers)
-        if hidden_stream not in ("vanilla", "vv"):
+        if hidden_stream not in HIDDEN_STREAMS:
             raise ValueError(f"hidden_stream: expected 'vanilla' or 'vv', got {hidden_stream!r}")
 
         x = nn.Conv(

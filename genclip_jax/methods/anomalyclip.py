@@ -7,6 +7,7 @@ image score is `softmax(g @ T / 0.07)[abnormal]` of the global feature alone (sp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -41,6 +42,25 @@ class AnomalyCLIP:
 
     def init(self, rng: jax.Array) -> dict:
         return prompts.init(rng, self.prompt_cfg, self.text_width)
+
+    def shape_hints(self, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """The config fields that stored prompt shapes {leaf: shape} contradict, as
+        "field=implied value (config: value)" (for restore errors)."""
+        cfg, hints = self.prompt_cfg, []
+        if len(shapes.get("ctx_pos", ())) == 2:
+            n_ctx, width = shapes["ctx_pos"]
+            if width != self.text_width:
+                hints.append(f"model.clip=<a backbone of text width {width}> (config: text "
+                             f"width {self.text_width})")
+            if n_ctx != cfg.n_ctx:
+                hints.append(f"prompts.n_ctx={n_ctx} (config: {cfg.n_ctx})")
+        if len(shapes.get("deep_prompts", ())) == 3:
+            depth, length, _ = shapes["deep_prompts"]
+            if depth != max(cfg.deep_depth - 1, 0):
+                hints.append(f"prompts.deep_depth={depth + 1} (config: {cfg.deep_depth})")
+            if depth and length != cfg.deep_length:
+                hints.append(f"prompts.deep_length={length} (config: {cfg.deep_length})")
+        return hints
 
     def host_inputs(self, batch: dict) -> dict:
         """Extra numeric arrays the device step needs from host metadata (none here)."""

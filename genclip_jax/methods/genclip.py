@@ -10,7 +10,7 @@ config fields (`config.genclip`), defaults from the reconstruction (genclip spec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -61,6 +61,31 @@ class GenCLIP:
     def init(self, rng: jax.Array) -> dict:
         c = self.clip_config
         return prompts.init(rng, self.cfg, c.vision_width, c.text_width)
+
+    def shape_hints(self, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """The config fields that stored prompt shapes {leaf: shape} contradict, as
+        "field=implied value (config: value)" (for restore errors)."""
+        cfg, hints = self.cfg, []
+        width = self.clip_config.text_width
+        stored_width = shapes.get("normal_ctx", (0, width))[-1]
+        if stored_width != width:
+            hints.append(f"model.clip=<a backbone of text width {stored_width}> (config: text "
+                         f"width {width})")
+        for field, leaf in (("state_len", "normal_ctx"), ("gqp_len", "gqp")):
+            if leaf in shapes and shapes[leaf][0] != cfg[field]:
+                hints.append(f"genclip.{field}={shapes[leaf][0]} (config: {cfg[field]})")
+        if ("mvp_kernel" in shapes) != self.use_mvp:
+            hints.append(f"genclip.use_mvp={'mvp_kernel' in shapes} (config: {self.use_mvp})")
+        if "mvp_kernel" in shapes and shapes["mvp_kernel"][0] != len(cfg.layers):
+            hints.append(f"genclip.layers=<{shapes['mvp_kernel'][0]} layers> (config: "
+                         f"{list(cfg.layers)})")
+        depth, length, _ = shapes.get("deep_prompts", (0, cfg.deep_length, width))
+        if depth != max(cfg.deep_depth - 1, 0):
+            hints.append(f"genclip.deep_depth={depth + 1 if depth else 0} (config: "
+                         f"{cfg.deep_depth})")
+        if depth and length != cfg.deep_length:
+            hints.append(f"genclip.deep_length={length} (config: {cfg.deep_length})")
+        return hints
 
     def host_inputs(self, batch: dict) -> dict:
         """(B, 2, context) prompt ids of each image's class word; padding rows get the generic."""
