@@ -9,8 +9,10 @@ left to right. The named variants form the paper's ablation ladder (genclip spec
   cnf          + class-name filtering (rule B)
   dual_branch  + the query-only branch at inference (fusion_w = 0.5)
 
-Every (variant, seed) trains and evaluates in `<workdir>/<variant>/seed<k>`; after each run
-`<workdir>/ablation.{md,csv,json}` are rewritten atomically with what has finished so far.
+Every (variant, seed) trains and evaluates in `<workdir>/<variant>/seed<k>` and leaves its result
+there (`ablation_cell.json`), so a rerun only trains the cells it lacks. After each run
+`<workdir>/ablation.{md,csv,json}` are rewritten atomically: the rows of an earlier table that
+this sweep does not touch, and every swept variant over all its finished seeds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
@@ -29,6 +32,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from genclip_jax import metrics
 from genclip_jax.files import write_atomic
@@ -43,8 +47,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dual_branch": {"method": "genclip", "genclip.use_mvp": True, "genclip.cnf.rule": "B",
                     "genclip.fusion_w": 0.5},
 }
-# Fields the methods read with `cfg.get(name, default)`: an override may add them to configs
-# that predate them (older saved configs).
+CELL_FILE = "ablation_cell.json"
+_CELL_KEYS = ("variant", "overrides", "seed", "test_root", "rows")
+_ENTRY_KEYS = ("overrides", "seeds", "mean", "std")
 _BOOLS = {"true": True, "false": False}
 
 
@@ -199,6 +204,106 @@ def render(table: Mapping[str, dict]) -> dict[str, str]:
             "json": json.dumps(doc, indent=1, allow_nan=False) + "\n"}
 
 
+def _null_to_nan(value: Any) -> Any:
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {k: _null_to_nan(v) for k, v in value.items()}
+    return value
+
+
+def _load_json(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: expected JSON, got unreadable text ({err})") from None
+
+
+def _keys(value: Any) -> str:
+    return f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__
+
+
+def _comparable(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides as runs compare them: text values parsed, so '[6, 12]' equals '[6,12]'."""
+    parsed = {k: _parse_value(v) if isinstance(v, str) else v for k, v in overrides.items()}
+    return json.loads(json.dumps(parsed, default=repr))
+
+
+def _override_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """'' when equal, else 'field: before -> now' for each field that differs."""
+    a, b = _comparable(before), _comparable(now)
+    shown = lambda d, k: repr(d[k]) if k in d else "unset"
+    return "; ".join(f"{k}: {shown(before, k)} -> {shown(now, k)}"
+                     for k in dict.fromkeys([*a, *b]) if k not in a or k not in b or a[k] != b[k])
+
+
+def write_cell(path: str | os.PathLike, variant: Variant, seed: int, test_root: str,
+               rows: Mapping[str, Mapping[str, float]]) -> None:
+    """Records one finished (variant, seed) run, so a rerun of the sweep keeps it."""
+    cell = {"variant": variant.name, "overrides": dict(variant.overrides), "seed": seed,
+            "test_root": test_root,
+            "rows": {c: {m: float(v) for m, v in row.items()} for c, row in rows.items()}}
+    write_atomic(path, json.dumps(_json_safe(cell), indent=1, allow_nan=False) + "\n")
+
+
+def read_cell(path: str | os.PathLike) -> dict:
+    """A cell written by `write_cell` (NaN for null); malformed raises ValueError naming it."""
+    path = pathlib.Path(path)
+    cell = _load_json(path)
+    rows = cell.get("rows") if isinstance(cell, dict) else None
+    if not (isinstance(cell, dict) and set(_CELL_KEYS) <= cell.keys()
+            and isinstance(cell["overrides"], dict) and type(cell["seed"]) is int
+            and isinstance(rows, dict) and rows
+            and all(isinstance(row, dict) and all(v is None or type(v) in (int, float)
+                                                  for v in row.values())
+                    for row in rows.values())):
+        raise ValueError(f"{path}: expected an ablation cell {{{', '.join(_CELL_KEYS)}}} with "
+                         f"rows {{class: {{metric: number}}}}, got {_keys(cell)}")
+    return {**cell, "rows": _null_to_nan(rows)}
+
+
+def _finished_runs(out: pathlib.Path, variant: Variant, test_root: str) -> dict[int, dict]:
+    """{seed: rows} of the variant's cells on disk; a cell of other settings raises."""
+    runs = {}
+    for path in sorted((out / variant.name).glob(f"seed*/{CELL_FILE}")):
+        if not re.fullmatch(r"seed\d+", path.parent.name):
+            continue
+        cell = read_cell(path)
+        if path.parent.name != f"seed{cell['seed']}":
+            raise ValueError(f"{path}: expected seed {path.parent.name[4:]} (its folder), "
+                             f"got seed {cell['seed']}")
+        if changes := _override_changes(cell["overrides"], variant.overrides):
+            raise ValueError(f"{path}: this run of {variant.name!r} has other overrides than the "
+                             f"sweep now ({changes}); delete {path.parent} to retrain it or use "
+                             "another workdir")
+        if os.path.normpath(str(cell["test_root"])) != os.path.normpath(test_root):
+            raise ValueError(f"{path}: this run was evaluated on test_root "
+                             f"{cell['test_root']!r}, the sweep now on {test_root!r}; delete "
+                             f"{path.parent} to retrain it or use another workdir")
+        runs[cell["seed"]] = cell["rows"]
+    return runs
+
+
+def read_table(path: str | os.PathLike) -> dict[str, dict]:
+    """The variants of an existing ablation.json in their order (NaN for null); {} if absent."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return {}
+    doc = _load_json(path)
+    variants = doc.get("variants") if isinstance(doc, dict) else None
+    if not isinstance(variants, dict):
+        raise ValueError(f"{path}: expected an ablation table {{'metrics', 'variants'}}, "
+                         f"got {_keys(doc)}")
+    for name, entry in variants.items():
+        if not (isinstance(entry, dict) and set(_ENTRY_KEYS) <= entry.keys()
+                and isinstance(entry["overrides"], dict)):
+            raise ValueError(f"{path}: variant {name!r}: expected an entry with "
+                             f"{list(_ENTRY_KEYS)}, got {_keys(entry)}")
+    numbers = ("mean", "std", "per_seed", "classes")
+    return {name: {k: _null_to_nan(v) if k in numbers else v for k, v in entry.items()}
+            for name, entry in variants.items()}
+
+
 def run_ablation(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -206,6 +311,11 @@ def run_ablation(
     seeds: list[int] | None = None,
 ) -> dict:
     """Trains and evaluates every sweep item for every seed (default: `train.seed`).
+
+    A (variant, seed) whose `ablation_cell.json` is in its run folder is kept, not retrained;
+    variants of an earlier `ablation.json` that this sweep leaves out keep their rows. Cells or
+    table entries with other overrides (or cells of another test root) raise ValueError before
+    any training. Process 0 prints the final Markdown table and its path.
 
     Args:
       config: the base run config (`data.train_root` and `data.test_root` set).
@@ -235,18 +345,43 @@ def run_ablation(
     configs = {v.name: apply_overrides(config, v.overrides) for v in variants}
 
     out = pathlib.Path(workdir)
-    out.mkdir(parents=True, exist_ok=True)
-    table: dict[str, dict] = {}
+    test_root = str(config.data.test_root)
+    # Check everything on disk before training anything.
+    table = read_table(out / "ablation.json")
     for variant in variants:
-        runs: dict[int, dict] = {}
-        for seed in seeds:
+        if variant.name in table and (
+                changes := _override_changes(table[variant.name]["overrides"], variant.overrides)):
+            raise ValueError(f"{out / 'ablation.json'}: variant {variant.name!r} has other "
+                             f"overrides there than in the sweep now ({changes})")
+    finished = {v.name: _finished_runs(out, v, test_root) for v in variants}
+
+    out.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
+
+    def write_table() -> dict[str, str]:
+        texts = render(table)
+        if lead:
+            for ext, text in texts.items():
+                write_atomic(out / f"ablation.{ext}", text)
+        return texts
+
+    for variant in variants:
+        runs = finished[variant.name]
+        for seed in sorted(runs):
+            logging.info("ablation: kept the finished run %s",
+                         out / variant.name / f"seed{seed}" / CELL_FILE)
+        for seed in [s for s in seeds if s not in runs]:
+            run_dir = out / variant.name / f"seed{seed}"
             run_config = copy.deepcopy(configs[variant.name])
             run_config.train.seed = seed
-            run_dir = out / variant.name / f"seed{seed}"
             run_config.workdir = str(run_dir)
             runs[seed] = train.train_and_evaluate(run_config, str(run_dir))
-            table[variant.name] = summarize(variant, runs)
-            if jax.process_index() == 0:
-                for ext, text in render(table).items():
-                    write_atomic(out / f"ablation.{ext}", text)
+            if lead:
+                write_cell(run_dir / CELL_FILE, variant, seed, test_root, runs[seed])
+            table[variant.name] = summarize(variant, dict(sorted(runs.items())))
+            write_table()
+        table[variant.name] = summarize(variant, dict(sorted(runs.items())))
+    texts = write_table()
+    if lead:
+        print(texts["md"] + f"\nablation table: {out / 'ablation.md'}")
     return document(table)
