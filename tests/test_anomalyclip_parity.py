@@ -18,21 +18,21 @@ def _run(fixture_path, key):
     ref = load_fixture(fixture_path)
     method, clip_params = fixture_method(fixture_path, key)
     params = prompt_params(ref)
-    feats = method.encode_images(clip_params, ref["input.images_nhwc"])
+    feats = jax.jit(method.encode_images)(clip_params, ref["input.images_nhwc"])
     batch = {"mask": ref["input.masks"], "label": ref["input.labels"]}
-    out = method.forward(params, clip_params, feats)
-    upsampled = method.upsampled(out["probs"])
+    out = jax.jit(method.forward)(params, clip_params, feats)
+    upsampled = jax.jit(method.upsampled)(out["probs"])
     pred = jax.jit(lambda p: method.predict(p, clip_params, feats, batch))(params)
     (_, parts), grads = jax.jit(
         jax.value_and_grad(lambda p: method.loss(p, clip_params, feats, batch), has_aux=True)
     )(params)
-    return ref, method, out, upsampled, pred, parts, grads
+    return ref, method, out, upsampled, pred, parts, grads, feats
 
 
 @parametrize_fixtures
 @pytest.mark.parametrize("key", FEATURE_KEYS)
 def test_maps_and_scores(fixture_path, key):
-    ref, _, out, upsampled, pred, _, _ = _run(fixture_path, key)
+    ref, _, out, upsampled, pred, *_ = _run(fixture_path, key)
     assert_close(out["probs"], ref[f"out.{key}.sim37"], f"{key} sim37")
     if f"out.{key}.map518" in ref:
         assert_close(upsampled[-1], ref[f"out.{key}.map518"], f"{key} map518")
@@ -48,7 +48,7 @@ def test_maps_and_scores(fixture_path, key):
 @parametrize_fixtures
 @pytest.mark.parametrize("key", FEATURE_KEYS)
 def test_losses(fixture_path, key):
-    ref, *_, parts, _ = _run(fixture_path, key)
+    ref, *_, parts, _, _ = _run(fixture_path, key)
     for name in ("focal", "dice_abn", "dice_nor", "local", "ce", "total"):
         assert_close(parts[name], ref[f"loss.{key}.{name}"], f"{key} loss {name}")
 
@@ -57,7 +57,7 @@ def test_losses(fixture_path, key):
 @pytest.mark.parametrize("key", FEATURE_KEYS)
 def test_gradients(fixture_path, key):
     """Within 2e-3 x max|reference|: the fp16 rounding of the deep prompts' cotangents."""
-    ref, *_, grads = _run(fixture_path, key)
+    ref, *_, grads, _ = _run(fixture_path, key)
     expected = prompt_params({k.replace(f"grad.{key}.", "pl."): v for k, v in ref.items()
                               if k.startswith(f"grad.{key}.")})
     for name, value in expected.items():
@@ -71,17 +71,17 @@ def test_gradients(fixture_path, key):
     [("sigma", 3.9, "blur"), ("local_loss_weight", 3.0, "total"), ("temperature", 0.08, "score")],
 )
 def test_changed_recipe_breaks_parity(fixture_path, field, value, checked):
-    """The parity checks see a changed blur, loss weight or temperature."""
-    ref = load_fixture(fixture_path)
-    method, clip_params = fixture_method(fixture_path, "fl24")
+    """The parity checks see a changed blur, loss weight or temperature (the frozen features
+    are the parity run's: only what follows them changes)."""
+    ref, method, *_, feats = _run(fixture_path, "fl24")
+    clip_params = fixture_method(fixture_path, "fl24")[1]
     old = method.cfg[field]
     method.cfg[field] = value
     try:
         params = prompt_params(ref)
-        feats = method.encode_images(clip_params, ref["input.images_nhwc"])
         batch = {"mask": ref["input.masks"], "label": ref["input.labels"]}
-        pred = method.predict(params, clip_params, feats, batch)
-        _, parts = method.loss(params, clip_params, feats, batch)
+        pred = jax.jit(lambda p: method.predict(p, clip_params, feats, batch))(params)
+        _, parts = jax.jit(lambda p: method.loss(p, clip_params, feats, batch))(params)
     finally:
         method.cfg[field] = old
     got, want = {
