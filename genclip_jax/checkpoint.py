@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from genclip_jax import parallel
+from genclip_jax import files, parallel
 
 PyTree = Any
 
@@ -301,12 +300,7 @@ def save_params(
     with _params_checkpointer() as checkpointer:
         checkpointer.save(staging, args=ocp.args.Composite(**items), force=True)
     if jax.process_index() == 0:
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            directory.rename(old)
-        staging.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        files.swap_directory(staging, directory)
     parallel.sync("genclip_jax.checkpoint.save_params")
 
 

@@ -284,7 +284,7 @@ on_all_workers "cd $REMOTE_DIR && export PATH=\"\$HOME/.local/bin:\$PATH\" && $G
 if ((!NO_FETCH)); then
   run mkdir -p "$FETCH"
   run "${TPU[@]}" scp --recurse "$NAME:$REMOTE_WORKDIR/eval" "$FETCH/" "${WHERE[@]}" --worker=0
-  echo "# results: $FETCH/eval/metrics.md (.csv, .json) and $FETCH/eval/heatmaps/"
+  echo "# results: $FETCH/eval/<name of the test root>/metrics.md (.csv, .json) and heatmaps/"
 fi
 
 if ((DELETE_AFTER && DRY_RUN)); then

@@ -1,0 +1,75 @@
+"""The README's commands, run as written: the demo (main job) and the whole path on synthetic data
+(train, then eval on another target, then predict). Only their /tmp folders move to a temp dir."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import re
+import subprocess
+
+from train_helpers import subprocess_env
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+_BLOCK = re.compile(r"```bash\n(.*?)```", re.DOTALL)
+
+
+def _commands(block: str) -> list[str]:
+    """Shell commands of a fenced block, continuation lines joined, comments dropped."""
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines()
+            if c.strip() and not c.lstrip().startswith("#")]
+
+
+def _block_after(marker: str) -> list[str]:
+    start = README.index(marker)
+    return _commands(_BLOCK.search(README, start)[1])
+
+
+def _run(commands: list[str], replace: dict[str, str]) -> None:
+    for command in commands:
+        for old, new in replace.items():
+            command = command.replace(old, new)
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
+
+
+def test_the_set_up_commands_are_the_ci_commands():
+    ci = (REPO / ".ci" / "run").read_text()
+    [tests] = _block_after("**Tests**")
+    assert tests in ci
+    [demo] = _block_after("**Main job**")
+    assert demo == "pip install -e . && genclip-jax demo --config=configs/tiny.py " \
+                   "--workdir=/tmp/genclip_demo"
+
+
+def test_the_demo_writes_what_the_readme_promises(tmp_path):
+    [demo] = _block_after("**Main job**")
+    # CI installed the package already (the README's test command): run the demo part.
+    _run([demo.split(" && ", 1)[1]], {"/tmp/genclip_demo": str(tmp_path / "demo")})
+    out = tmp_path / "demo" / "eval" / "data"
+    for name in ("metrics.md", "metrics.csv", "metrics.json"):
+        assert (out / name).is_file(), f"the README promises {out / name}"
+    assert json.loads((out / "metrics.json").read_text())["classes"].keys() == {
+        "checker", "disc", "stripes"}
+    assert list((out / "heatmaps").rglob("*.png"))
+    assert list((tmp_path / "demo" / "logs").glob("events.out.tfevents.*"))
+
+
+def test_train_then_eval_on_another_target_then_predict(tmp_path):
+    commands = _block_after("<!-- tests/test_readme.py runs this block verbatim")
+    assert [c.split()[1] for c in commands] == ["synthetic", "synthetic", "train", "eval",
+                                                "predict"]
+    root = tmp_path / "try"
+    _run(commands, {"/tmp/genclip_try": str(root)})
+    run = root / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data"]["train_root"] == str(root / "source")  # eval did not rewrite it
+    tables = json.loads((run / "eval" / "target" / "metrics.json").read_text())
+    assert tables["classes"].keys() == {"checker", "disc", "stripes"}
+    with (root / "predictions" / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(list((root / "target" / "disc" / "test").rglob("*.png")))
+    assert all((root / "predictions" / r["heatmap"]).is_file() for r in rows)
