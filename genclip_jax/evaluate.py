@@ -308,6 +308,8 @@ def evaluate(
     """
     validate.validate(config, "eval")
     target = prepare_target(config, workdir, out)
+    if params is None and not config.eval.params:  # before the backbone is loaded
+        run_dir.RunDir(workdir).check_readable(config)
     model = load_model(config, workdir, params)
     decisions = adapt_to_classes(config, model, target.dataset, target.entries)
     results = predict_dataset(config, model, target.dataset)

@@ -71,6 +71,8 @@ def predict_folder(
     parallel.initialize(config.parallel)  # before the first question to JAX
     if jax.process_index() == 0:
         files.check_writable(out.parent, flag)
+    if not config.eval.params:  # before the backbone is loaded
+        run_dir.RunDir(workdir).check_readable(config)
     entries, skipped = pipeline.scan_image_folder(images)
     names = [e["img_path"] for e in entries]
     panels = heatmaps.panel_names(names)

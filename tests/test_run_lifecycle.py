@@ -183,6 +183,20 @@ def test_eval_checks_every_listed_file_and_class_name_before_predicting(
     assert not (run / "eval" / "broken").exists() and not (run / "eval" / "renamed").exists()
 
 
+def test_eval_and_predict_of_a_missing_run_fail_before_loading_the_backbone(
+    data_root, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    config = _eval_config(data_root, data_root)
+    for call in (lambda: evaluate.evaluate(config, str(tmp_path / "typo")),
+                 lambda: predict.predict_folder(config, str(tmp_path / "typo"), str(data_root),
+                                                str(tmp_path / "out"))):
+        with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*typo/checkpoints: train "
+                           "first, or set eval.params"):
+            call()
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "out").exists()
+
+
 def test_an_empty_training_split_is_named(data_root, tmp_path):
     config = tiny_config(data_root)
     config.data.train_split = "train"  # the set has no train images
