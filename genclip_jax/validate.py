@@ -31,9 +31,8 @@ from genclip_jax.methods.genclip import IMAGE_SCORES, IMAGE_TEXT_LAYERS
 from genclip_jax.prompts import cnf
 from genclip_jax.prompts.genclip import MVP_INITS, MVP_TARGETS
 
-# Fields with a fixed set of values.
+# Fields with a fixed set of values (the methods: `choices()`, as more can be registered).
 CHOICES: dict[str, Sequence[str]] = {
-    "method": tuple(METHODS),
     "model.global_mode": GLOBAL_MODES,
     "model.compute_dtype": tuple(DTYPES),
     "anomalyclip.map_reduce": maps.MAP_REDUCTIONS,
@@ -79,6 +78,11 @@ COMMANDS = ("train", "eval", "predict", "ablate")
 # Names a class may not have: the tables' mean row, and what would escape a heatmap folder.
 RESERVED_CLASS_NAMES = (metrics.MEAN_ROW,)
 _CLASS_NAME = re.compile(r"[^/\\\x00-\x1f]+")
+
+
+def choices() -> dict[str, Sequence[str]]:
+    """Every choice field with its allowed values, the registered methods included."""
+    return {"method": tuple(METHODS), **CHOICES}
 
 
 def get_field(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -178,7 +182,7 @@ def validate(config: ml_collections.ConfigDict, command: str) -> None:
     if command not in COMMANDS:
         raise ValueError(f"validate: command must be one of {COMMANDS}, got {command!r}")
     errors = [_choice_error(field, get_field(config, field), allowed)
-              for field, allowed in CHOICES.items() if get_field(config, field) not in allowed]
+              for field, allowed in choices().items() if get_field(config, field) not in allowed]
     errors += _number_errors(config)
     errors += _list_errors(config)
     errors += _template_errors(config)

@@ -34,10 +34,10 @@ def _fails_fast_with_nothing_written(call, match: str, workdir) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("field", sorted(validate.CHOICES))
+@pytest.mark.parametrize("field", sorted(validate.choices()))
 def test_every_choice_field_refuses_a_typo_before_any_work(field, data_root, tmp_path):
     config = tiny_config(data_root)
-    allowed = validate.CHOICES[field]
+    allowed = validate.choices()[field]
     _set(config, field, allowed[-1] + "x")
     workdir = tmp_path / "run"
     message = _fails_fast_with_nothing_written(

@@ -115,6 +115,14 @@ class CLIP(nn.Module):
         return self.text.encode_embeddings(embeddings, eot_index, injections)
 
 
+def image_embeddings(config: CLIPConfig, params: Any, images: jax.Array) -> jax.Array:
+    """(B, D) standard CLIP image embeddings `ln_post(CLS) @ proj` of the vanilla stream,
+    whatever `config.global_mode` is: comparable with CLIP text embeddings. Frozen."""
+    clip = CLIP(config.replace(global_mode="clip"))
+    feats = clip.apply({"params": params}, images, method=CLIP.encode_image)
+    return jax.lax.stop_gradient(feats.global_feature)
+
+
 @functools.lru_cache(maxsize=8)
 def _jitted_init(config: CLIPConfig):
     """One compiled initialiser per architecture: compiling it costs ~20 s even when tiny."""

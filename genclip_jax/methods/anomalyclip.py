@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from genclip_jax import losses, maps
+from genclip_jax.clip import model as clip_model
 from genclip_jax.clip.model import CLIP, CLIPConfig
 from genclip_jax.clip.vision import VisionFeatures
 from genclip_jax.prompts import anomalyclip as prompts
@@ -27,12 +28,14 @@ class AnomalyCLIP:
     """
 
     name = "anomalyclip"
+    needs_class_name = False  # object-agnostic prompts
 
     def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
         self.cfg = config.anomalyclip
         self.prompt_cfg = config.prompts
         self.image_size = config.model.image_size
         self.clip = CLIP(clip_config)
+        self.clip_config = clip_config
         self.text_width = clip_config.text_width
         self.patch_layers = tuple(self.cfg.features_list)
         self.hidden_layers: tuple[int, ...] = ()
@@ -80,8 +83,17 @@ class AnomalyCLIP:
         )
         return jax.lax.stop_gradient(feats)
 
-    def text_features(self, params: dict, clip_params: Any) -> jax.Array:
-        """(2, D) unnormalised [normal, abnormal] text features."""
+    def class_image_features(self, clip_params: Any, images: jax.Array) -> jax.Array:
+        """Standard CLIP image embeddings (AnomalyCLIP does not adapt to classes: unused by its
+        `prepare_eval`, there for the interface)."""
+        return clip_model.image_embeddings(self.clip_config, clip_params, images)
+
+    def text_features(
+        self, params: dict, clip_params: Any, class_name: str | None = None
+    ) -> jax.Array:
+        """(2, D) unnormalised [normal, abnormal] text features; object-agnostic: the same for
+        every `class_name`."""
+        del class_name
         return prompts.text_features(
             self.clip, clip_params, params, self.token_ids, self.prompt_cfg
         )

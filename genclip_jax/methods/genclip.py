@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from genclip_jax import losses, maps
+from genclip_jax.clip import model as clip_model
 from genclip_jax.clip.model import CLIP, CLIPConfig
 from genclip_jax.clip.vision import VisionFeatures
 from genclip_jax.prompts import cnf
@@ -32,6 +33,7 @@ class GenCLIP:
     """See `genclip_jax.methods` for the interface."""
 
     name = "genclip"
+    needs_class_name = True  # the vision-enhanced prompts name the class (or the generic word)
 
     def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
         self.cfg = config.genclip
@@ -54,6 +56,10 @@ class GenCLIP:
         # `prepare_eval` with the CNF decisions.
         self.class_words: dict[str, str] = {}
         self.query_ids = jnp.asarray(self._ids(self.cfg.cnf.generic_word))
+
+    def _word(self, class_name: str) -> str:
+        """The prompt word of a class: CNF's decision once made, else the name as words."""
+        return self.class_words.get(class_name, prompts.normalize_class_name(class_name))
 
     def _ids(self, word: str) -> np.ndarray:
         return prompts.class_token_ids(self.cfg, word, self.clip_config.context_length)
@@ -89,11 +95,8 @@ class GenCLIP:
 
     def host_inputs(self, batch: dict) -> dict:
         """(B, 2, context) prompt ids of each image's class word; padding rows get the generic."""
-        words = [
-            self.class_words.get(name, prompts.normalize_class_name(name))
-            if name else self.cfg.cnf.generic_word
-            for name in batch["cls_name"]
-        ]
+        words = [self._word(name) if name else self.cfg.cnf.generic_word
+                 for name in batch["cls_name"]]
         return {"prompt_ids": np.stack([self._ids(w) for w in words]).astype(np.int32)}
 
     def encode_images(self, clip_params: Any, images: jax.Array) -> VisionFeatures:
@@ -105,12 +108,18 @@ class GenCLIP:
         return jax.lax.stop_gradient(feats)
 
     def class_image_features(self, clip_params: Any, images: jax.Array) -> jax.Array:
-        """(B, D) standard frozen CLIP image embeddings `ln_post(CLS) @ proj` (the vanilla
-        stream, whatever `model.global_mode` is): the image side of CNF rule B, which compares
-        them with CLIP text embeddings, so they must live in CLIP's joint space."""
-        clip = CLIP(self.clip_config.replace(global_mode="clip"))
-        feats = clip.apply({"params": clip_params}, images, method=CLIP.encode_image)
-        return jax.lax.stop_gradient(feats.global_feature)
+        """Standard CLIP image embeddings: the image side of CNF rule B, which compares them
+        with CLIP text embeddings."""
+        return clip_model.image_embeddings(self.clip_config, clip_params, images)
+
+    def text_features(
+        self, params: dict, clip_params: Any, class_name: str | None = None
+    ) -> jax.Array:
+        """(2, D) GQP prompt features for `class_name` (None: the generic word), without MVP:
+        the vision-enhanced prompts of an image add its MVP tokens to these."""
+        word = self._word(class_name) if class_name else self.cfg.cnf.generic_word
+        ids = jnp.asarray(self._ids(word))
+        return prompts.text_features(self.clip, clip_params, params, ids, self.cfg)
 
     def branch_text(self, params: dict, clip_params: Any, feats: VisionFeatures,
                     prompt_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
