@@ -17,7 +17,6 @@ this sweep does not touch, and every swept variant over all its finished seeds.
 
 from __future__ import annotations
 
-import ast
 import copy
 import csv
 import dataclasses
@@ -34,7 +33,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from genclip_jax import metrics
+from genclip_jax import config_overrides, metrics
 from genclip_jax.files import write_atomic
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,7 +49,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 CELL_FILE = "ablation_cell.json"
 _CELL_KEYS = ("variant", "overrides", "seed", "test_root", "rows")
 _ENTRY_KEYS = ("overrides", "seeds", "mean", "std")
-_BOOLS = {"true": True, "false": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +71,6 @@ def split_sweep(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def _parse_value(text: str) -> Any:
-    """A Python literal (numbers, lists, True/False/None, quoted strings), else the text."""
-    if text.lower() in _BOOLS:
-        return _BOOLS[text.lower()]
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def parse_item(item: str) -> Variant:
     """A sweep item -> Variant (field names are checked by `apply_overrides`)."""
     overrides: dict[str, Any] = {}
@@ -101,33 +89,6 @@ def parse_item(item: str) -> Variant:
                              f"{sorted(VARIANTS)} nor a 'field=value' override")
     name = item.strip() if item.strip() in VARIANTS else re.sub(r"[^\w.=-]+", "_", item.strip())
     return Variant(name, overrides)
-
-
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
-) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted-path overrides; values given as text are parsed (kept as
-    text for string fields). Unknown fields or wrong types raise ValueError naming the field."""
-    config = copy.deepcopy(config)
-    for field, value in overrides.items():
-        *parents, leaf = field.split(".")
-        node = config
-        for depth, key in enumerate(parents):
-            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-                raise ValueError(f"unknown config field {field!r}: "
-                                 f"{'.'.join(parents[: depth + 1])!r} does not exist")
-            node = node[key]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ValueError(f"unknown config field {field!r}")
-        current = node[leaf]
-        if isinstance(value, str) and not isinstance(current, str):
-            value = _parse_value(value)
-        try:
-            node[leaf] = value
-        except TypeError as err:
-            raise ValueError(f"config field {field!r}: expected a value of type "
-                             f"{type(current).__name__}, got {value!r} ({err})") from None
-    return config
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -225,7 +186,8 @@ def _keys(value: Any) -> str:
 
 def _comparable(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Overrides as runs compare them: text values parsed, so '[6, 12]' equals '[6,12]'."""
-    parsed = {k: _parse_value(v) if isinstance(v, str) else v for k, v in overrides.items()}
+    parsed = {k: config_overrides.parse_value(v) if isinstance(v, str) else v
+              for k, v in overrides.items()}
     return json.loads(json.dumps(parsed, default=repr))
 
 
@@ -342,7 +304,7 @@ def run_ablation(
     if len(set(names)) != len(names):
         raise ValueError(f"sweep: variant names repeat: {names}")
     # Build every config before training anything: a bad field fails the sweep at once.
-    configs = {v.name: apply_overrides(config, v.overrides) for v in variants}
+    configs = {v.name: config_overrides.apply_overrides(config, v.overrides) for v in variants}
 
     out = pathlib.Path(workdir)
     test_root = str(config.data.test_root)

@@ -259,13 +259,10 @@ def _config_spec(argv: list[str]) -> str | None:
 
 def _load_config(spec: str) -> ConfigDict:
     """Loads `--config` ahead of absl: a missing file or bad arg gets one line, not a traceback."""
-    path = spec.split(":", 1)[0]
-    if not pathlib.Path(path).is_file():
-        _flags_error(f"--config={spec}: file {path} not found (e.g. configs/anomalyclip.py:visa)")
     try:
-        return config_flags.config_flags.ConfigFileFlagParser("config").parse(spec)
-    except (TypeError, ValueError) as err:  # re-raised with the traceback as text; cause inside
-        _flags_error(f"--config={spec}: {err.__context__ or err}")
+        return config_overrides.load_config_file(spec)
+    except (FileNotFoundError, ValueError) as err:
+        _flags_error(f"--config={spec}: {err}")
 
 
 def _sequence_field(config: object, path: str) -> list | tuple | None:

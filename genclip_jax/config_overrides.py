@@ -1,4 +1,4 @@
-"""Command-line values of configs: the `configs/X.py:arg` argument and list/tuple fields.
+"""Configs from files and text: `configs/X.py:arg`, list/tuple fields, dotted overrides.
 
 ml_collections cannot override list fields at all and reads `--config.F='(a,b)'` on a tuple field
 as the one-string tuple `('(a,b)',)`; the CLI routes those overrides to `parse_sequence` instead.
@@ -6,8 +6,15 @@ as the one-string tuple `('(a,b)',)`; the CLI routes those overrides to `parse_s
 
 from __future__ import annotations
 
+import ast
+import copy
 import difflib
-from collections.abc import Sequence
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from ml_collections import config_flags
 
 _BRACKETS = {"(": ")", "[": "]"}
 _BOOLS = {"true": True, "t": True, "yes": True, "1": True,
@@ -75,3 +82,55 @@ def check_config_arg(config_file: str, arg: str, allowed: Sequence[str]) -> None
     close = difflib.get_close_matches(arg, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(f"{config_file}: arg must be one of {list(allowed)}, got {arg!r}{hint}")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `configs/X.py[:arg]` (its `get_config(arg)`), loaded as `--config` is.
+
+    Raises FileNotFoundError naming a missing file, ValueError with the file's own message for a
+    bad arg.
+    """
+    path = spec.split(":", 1)[0]
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} not found (e.g. configs/anomalyclip.py:visa)")
+    try:
+        return config_flags.config_flags.ConfigFileFlagParser("config").parse(spec)
+    except (TypeError, ValueError) as err:  # re-raised with the traceback as text; cause inside
+        raise ValueError(str(err.__context__ or err)) from None
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal (numbers, lists, True/False/None, quoted strings), else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted-path overrides; values given as text are parsed (kept as
+    text for string fields). Unknown fields or wrong types raise ValueError naming the field."""
+    config = copy.deepcopy(config)
+    for field, value in overrides.items():
+        *parents, leaf = field.split(".")
+        node = config
+        for depth, key in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                raise ValueError(f"unknown config field {field!r}: "
+                                 f"{'.'.join(parents[: depth + 1])!r} does not exist")
+            node = node[key]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ValueError(f"unknown config field {field!r}")
+        current = node[leaf]
+        if isinstance(value, str) and not isinstance(current, str):
+            value = parse_value(value)
+        try:
+            node[leaf] = value
+        except TypeError as err:
+            raise ValueError(f"config field {field!r}: expected a value of type "
+                             f"{type(current).__name__}, got {value!r} ({err})") from None
+    return config

@@ -32,29 +32,6 @@ def test_parse_items():
             ablate.parse_item(bad)
 
 
-def test_apply_overrides_parses_values_by_field_type():
-    base = defaults.tiny_config("genclip")
-    cfg = ablate.apply_overrides(base, {
-        "genclip.fusion_w": "0", "genclip.mvp_bias": "false", "genclip.cnf.rule": "A'",
-        "genclip.layers": "[12, 24]", "genclip.use_mvp": "False", "train.epochs": 1,
-    })
-    assert cfg.genclip.fusion_w == 0.0 and isinstance(cfg.genclip.fusion_w, float)
-    assert cfg.genclip.mvp_bias is False and cfg.genclip.use_mvp is False
-    assert cfg.genclip.cnf.rule == "A'" and list(cfg.genclip.layers) == [12, 24]
-    assert cfg.train.epochs == 1 and base.train.epochs == 2  # the base config is untouched
-
-
-@pytest.mark.parametrize("field", ["genclip.no_such_field", "nothing.at_all", "genclip.cnf.x.y"])
-def test_unknown_field_raises_naming_it(field):
-    with pytest.raises(ValueError, match=re.escape(f"unknown config field '{field}'")):
-        ablate.apply_overrides(defaults.tiny_config("genclip"), {field: "1"})
-
-
-def test_wrong_type_raises_naming_the_field():
-    with pytest.raises(ValueError, match=r"'genclip\.fusion_w'"):
-        ablate.apply_overrides(defaults.tiny_config("genclip"), {"genclip.fusion_w": "high"})
-
-
 def test_bad_sweep_fails_before_training(tmp_path):
     config = defaults.tiny_config("genclip")
     config.data.test_root = str(tmp_path / "data")

@@ -1,11 +1,12 @@
-"""Command-line values of list/tuple config fields and the `configs/X.py:arg` check."""
+"""Config values from text: list/tuple fields, dotted overrides, the `configs/X.py:arg` check."""
 
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
-from genclip_jax import config_overrides
+from genclip_jax import config_overrides, defaults
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = "--config.genclip.layers"
@@ -108,3 +109,27 @@ def test_config_files_accept_their_args():
     )
     assert _get_config("genclip")("visa").data.train_root == "data/visa"
     assert _get_config("anomalyclip")("mvtec").data.train_root == "data/mvtec"
+
+
+def test_apply_overrides_parses_values_by_field_type():
+    base = defaults.tiny_config("genclip")
+    cfg = config_overrides.apply_overrides(base, {
+        "genclip.fusion_w": "0", "genclip.mvp_bias": "false", "genclip.cnf.rule": "A'",
+        "genclip.layers": "[12, 24]", "genclip.use_mvp": "False", "train.epochs": 1,
+    })
+    assert cfg.genclip.fusion_w == 0.0 and isinstance(cfg.genclip.fusion_w, float)
+    assert cfg.genclip.mvp_bias is False and cfg.genclip.use_mvp is False
+    assert cfg.genclip.cnf.rule == "A'" and list(cfg.genclip.layers) == [12, 24]
+    assert cfg.train.epochs == 1 and base.train.epochs == 2  # the base config is untouched
+
+
+@pytest.mark.parametrize("field", ["genclip.no_such_field", "nothing.at_all", "genclip.cnf.x.y"])
+def test_unknown_field_raises_naming_it(field):
+    with pytest.raises(ValueError, match=re.escape(f"unknown config field '{field}'")):
+        config_overrides.apply_overrides(defaults.tiny_config("genclip"), {field: "1"})
+
+
+def test_wrong_type_raises_naming_the_field():
+    with pytest.raises(ValueError, match=r"'genclip\.fusion_w'"):
+        config_overrides.apply_overrides(defaults.tiny_config("genclip"),
+                                         {"genclip.fusion_w": "high"})
