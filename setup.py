@@ -1,14 +1,19 @@
 """Installs genclip_jax: CLIP zero-shot anomaly detection (AnomalyCLIP, GenCLIP) in JAX/Flax."""
 
 import pathlib
+import re
 
 from setuptools import find_packages, setup
 
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(r'^__version__ = "(.+)"$', (HERE / "genclip_jax/__init__.py").read_text(),
+                    re.MULTILINE)[1]
+
 setup(
     name="genclip_jax",
-    version="0.1.0",
+    version=VERSION,  # one place: genclip_jax/__init__.py
     description="JAX/Flax zero-shot anomaly detection with CLIP: AnomalyCLIP and GenCLIP.",
-    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["genclip_jax", "genclip_jax.*"]),

@@ -30,11 +30,12 @@ from genclip_jax.methods import create_method
 
 
 def load_trained_params(
-    config: ml_collections.ConfigDict, workdir: str, method, mesh: Mesh
+    config: ml_collections.ConfigDict, workdir: str, method, mesh: Mesh,
+    unpinned: Sequence[str] = (),
 ) -> tuple[Any, str]:
     """(params, where from): prompt params from `eval.params` (a params export) or the run's
     latest checkpoint, read without writing anything and without building an optimizer,
-    replicated on `mesh`."""
+    replicated on `mesh`. `unpinned`: see `run_dir.RunDir.check_readable`."""
     shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0))
     template = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
@@ -45,7 +46,7 @@ def load_trained_params(
         if source:
             return checkpoint.load_params(source, template)[0], source
         run = run_dir.RunDir(workdir)
-        run.check_readable(config)
+        run.check_readable(config, unpinned)
         with checkpoint.Checkpointer(run.checkpoints, read_only=True) as ckpt:
             source = str(ckpt.step_path(ckpt.latest_step()))
             return ckpt.restore_params(template), source
@@ -82,7 +83,9 @@ class Model:
     source: str  # where the params came from: a checkpoint step, a params export, the caller
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str, params=None) -> Model:
+def load_model(
+    config: ml_collections.ConfigDict, workdir: str, params=None, unpinned: Sequence[str] = ()
+) -> Model:
     """The model for `eval`/`predict`: `params` if given, else `load_trained_params`."""
     mesh = parallel.setup(config.parallel)
     parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
@@ -91,7 +94,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, params=None) -> 
     )
     method = create_method(config, clip_config)
     if params is None:
-        params, source = load_trained_params(config, workdir, method, mesh)
+        params, source = load_trained_params(config, workdir, method, mesh, unpinned)
     else:
         params, source = parallel.replicate(jax.device_get(params), mesh), "given params"
     return Model(

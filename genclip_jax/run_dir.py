@@ -150,14 +150,19 @@ class RunDir:
             logging.info("%s has no checkpoint yet: starting the run afresh with this config",
                          self.path)
 
-    def check_readable(self, config: ml_collections.ConfigDict) -> None:
-        """Before evaluating this run's checkpoint: it exists and defines the same model."""
+    def check_readable(
+        self, config: ml_collections.ConfigDict, unpinned: Sequence[str] = ()
+    ) -> None:
+        """Before evaluating this run's checkpoint: it exists and defines the same model (but
+        for the `unpinned` fields the caller changed on purpose, e.g. the same backbone's weights
+        read from another place)."""
         if not self.has_checkpoint():
             raise FileNotFoundError(
                 f"no checkpoint in {self.checkpoints}: train first, or set eval.params to a "
                 "params export (e.g. the output of `genclip-jax convert`)"
             )
-        self.check_compatible(config, MODEL_FIELDS, "evaluate this run")
+        fields = [f for f in MODEL_FIELDS if f not in unpinned]
+        self.check_compatible(config, fields, "evaluate this run")
 
     def write_config(self, config: ml_collections.ConfigDict) -> None:
         """Records the config of the training about to run (process 0; `train` only)."""

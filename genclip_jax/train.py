@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from genclip_jax import checkpoint, evaluate, parallel, run_dir, validate
 from genclip_jax.backbone import load_backbone
-from genclip_jax.clip.vision import VisionFeatures
+from genclip_jax.clip.vision import BATCH_AXES, VisionFeatures
 from genclip_jax.data import pipeline
 from genclip_jax.methods import create_method
 from genclip_jax.metric_writers import MetricWriter, create_default_writer
@@ -77,8 +77,6 @@ def make_update_fn(method, tx: optax.GradientTransformation):
     return jax.jit(update, donate_argnums=(0,))
 
 
-# Axis of the batch in each field of VisionFeatures (patch tokens and hidden means are layer-major).
-_BATCH_AXES = VisionFeatures(global_feature=0, patch_tokens=1, hidden_mean=1)
 
 
 class FeatureCache:
@@ -100,7 +98,7 @@ class FeatureCache:
         local = parallel.host_local(feats)
         for row, i in enumerate(indices):
             self._rows[int(i)] = jax.tree.map(
-                lambda axis, x, r=row: np.take(x, r, axis=axis), _BATCH_AXES, local
+                lambda axis, x, r=row: np.take(x, r, axis=axis), BATCH_AXES, local
             )
 
     def get(self, indices: np.ndarray, mesh: Mesh) -> VisionFeatures:
@@ -108,7 +106,7 @@ class FeatureCache:
         rows = [self._rows[int(i)] for i in indices]
         return jax.tree.map(
             lambda axis, *xs: parallel.global_array(np.stack(xs, axis=axis), mesh, axis),
-            _BATCH_AXES, *rows,
+            BATCH_AXES, *rows,
         )
 
 

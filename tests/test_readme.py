@@ -8,7 +8,9 @@ import json
 import pathlib
 import re
 import subprocess
+import sys
 
+import pytest
 from train_helpers import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,17 +47,34 @@ def test_the_set_up_commands_are_the_ci_commands():
                    "--workdir=/tmp/genclip_demo"
 
 
-def test_the_demo_writes_what_the_readme_promises(tmp_path):
-    [demo] = _block_after("**Main job**")
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> pathlib.Path:
+    """The README's main job, run as written (but for its folder)."""
+    [command] = _block_after("**Main job**")
+    workdir = tmp_path_factory.mktemp("readme") / "demo"
     # CI installed the package already (the README's test command): run the demo part.
-    _run([demo.split(" && ", 1)[1]], {"/tmp/genclip_demo": str(tmp_path / "demo")})
-    out = tmp_path / "demo" / "eval" / "data"
+    _run([command.split(" && ", 1)[1]], {"/tmp/genclip_demo": str(workdir)})
+    return workdir
+
+
+def test_the_demo_writes_what_the_readme_promises(demo):
+    out = demo / "eval" / "data"
     for name in ("metrics.md", "metrics.csv", "metrics.json"):
         assert (out / name).is_file(), f"the README promises {out / name}"
     assert json.loads((out / "metrics.json").read_text())["classes"].keys() == {
         "checker", "disc", "stripes"}
     assert list((out / "heatmaps").rglob("*.png"))
-    assert list((tmp_path / "demo" / "logs").glob("events.out.tfevents.*"))
+    assert list((demo / "logs").glob("events.out.tfevents.*"))
+
+
+def test_the_python_example_runs_on_the_demo_run(demo):
+    start = README.index("<!-- tests/test_readme.py runs this block on the demo's run -->")
+    block = re.compile(r"```python\n(.*?)```", re.DOTALL).search(README, start)[1]
+    code = block.replace("/tmp/genclip_demo", str(demo))
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("(3, 112, 112)")
 
 
 def test_train_then_eval_on_another_target_then_predict(tmp_path):

@@ -42,6 +42,10 @@ class VisionFeatures:
     hidden_mean: jax.Array
 
 
+# The axis of the batch in each field (patch tokens and hidden means are layer-major).
+BATCH_AXES = VisionFeatures(global_feature=0, patch_tokens=1, hidden_mean=1)
+
+
 def resize_positional_embedding(pos: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """Resizes a (1 + g*g, C) CLIP positional table to a (1 + h*w, C) one.
 

@@ -100,12 +100,35 @@ def image_file_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ValueError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
 
 
+def float_to_8bit(values: np.ndarray, name: str) -> np.ndarray:
+    """uint8 pixels of float `values` by the range they are all in: [0, 1] -> x * 255,
+    [0, 255] -> x, [0, 65535] -> x / 257, rounded. NaN, inf or any other range is a ValueError
+    naming `name` (the file) and what was found."""
+    values = np.asarray(values, np.float64)
+    non_finite = np.count_nonzero(~np.isfinite(values))
+    if non_finite:
+        raise ValueError(
+            f"{name}: float image has {non_finite} non-finite (NaN or inf) pixel(s) out of "
+            f"{values.size}; expected finite values"
+        )
+    lo, hi = values.min(), values.max()
+    scale = next((s for top, s in _FLOAT_RANGES if lo >= 0 and hi <= top), None)
+    if scale is None:
+        raise ValueError(
+            f"{name}: float image has values in [{lo:g}, {hi:g}]; expected them all in "
+            "[0, 1], [0, 255] or [0, 65535]"
+        )
+    return np.round(values * scale).astype(np.uint8)
+
+
 def to_8bit(image: Image.Image, name: str) -> Image.Image:
     """`image` with 8-bit pixels, mapped by the range its values are really in (module docstring).
 
     8-bit modes come back unchanged. PIL's own conversion would clip instead, so a [0, 1] float
     image would be scored as a black one; errors name the file (`name`) and the range found.
     """
+    if image.mode == "F":
+        return Image.fromarray(float_to_8bit(np.asarray(image), name))
     if image.mode in _SIXTEEN_BIT_MODES:
         scaled = np.asarray(image, np.float64) / 257
     elif image.mode == "I":
@@ -117,22 +140,6 @@ def to_8bit(image: Image.Image, name: str) -> Image.Image:
                 "[0, 65535] (16-bit pixels)"
             )
         scaled = values / 257
-    elif image.mode == "F":
-        values = np.asarray(image, np.float64)
-        non_finite = np.count_nonzero(~np.isfinite(values))
-        if non_finite:
-            raise ValueError(
-                f"{name}: float image has {non_finite} non-finite (NaN or inf) pixel(s) out of "
-                f"{values.size}; expected finite values"
-            )
-        lo, hi = values.min(), values.max()
-        scale = next((s for top, s in _FLOAT_RANGES if lo >= 0 and hi <= top), None)
-        if scale is None:
-            raise ValueError(
-                f"{name}: float image has values in [{lo:g}, {hi:g}]; expected them all in "
-                "[0, 1], [0, 255] or [0, 65535]"
-            )
-        scaled = values * scale
     else:
         return image
     return Image.fromarray(np.round(scaled).astype(np.uint8))

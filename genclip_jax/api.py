@@ -1,0 +1,241 @@
+"""The Python API: load a trained or converted model in one line and run it on arrays.
+
+    import genclip_jax
+    model = genclip_jax.load("runs/ac_visa")         # a run: its latest checkpoint, read-only
+    result = model.predict(images)                    # (N, H, W, 3) uint8 or float, any size
+    result.anomaly_map, result.image_score            # (N, S, S) and (N,) numpy arrays
+
+`load` takes a run directory (written by `genclip-jax train`), a params export (written by
+`genclip-jax convert`, with `config=` for anything but the method and prompt sizes it records),
+or, for a method with nothing to train, a config alone. Arrays are resized and normalised
+exactly as the input pipeline does with files, split into batches of `eval.batch_size` (the last
+one padded) and run through one compiled program per batch shape. Single process only: for
+multi-host evaluation use `genclip-jax eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from genclip_jax import (
+    checkpoint,
+    config_overrides,
+    defaults,
+    evaluate,
+    parallel,
+    run_dir,
+    validate,
+)
+from genclip_jax.clip.vision import BATCH_AXES, VisionFeatures
+from genclip_jax.data import pipeline
+from genclip_jax.methods import Method
+
+# Short names of the fields a user most often changes at load time; any other field is given
+# with `__` for its dots (`model__npz_prefix="sd."`).
+ALIASES = {
+    "clip": "model.clip", "image_size": "model.image_size",
+    "compute_dtype": "model.compute_dtype", "batch_size": "eval.batch_size",
+    "num_devices": "parallel.num_devices",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What `Model.predict` returns, at the model's input size S (`config.model.image_size`).
+
+    anomaly_map: (N, S, S) float32 per-pixel anomaly scores (blurred, as `eval` scores them).
+    image_score: (N,) float32 image anomaly scores.
+    """
+
+    anomaly_map: np.ndarray
+    image_score: np.ndarray
+
+
+def _images_in(images: Any, image_size: int, normalized: bool) -> np.ndarray:
+    """(N, S, S, 3) float32 model input from user arrays (see `Model.predict`)."""
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[None]
+    if normalized:
+        expected = (image_size, image_size, 3)
+        if array.ndim != 4 or array.shape[1:] != expected or array.dtype.kind != "f":
+            raise ValueError(f"images (normalized=True): expected float (N, {image_size}, "
+                             f"{image_size}, 3), got {array.dtype} {np.shape(images)}")
+        return array.astype(np.float32)
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4) or not array.shape[0]:
+        raise ValueError("images: expected (N, H, W, C) or (H, W, C) with C = 1, 3 or 4 (gray, "
+                         f"RGB, RGBA), got shape {np.shape(images)}")
+    if array.dtype.kind == "f":
+        array = pipeline.float_to_8bit(array, "images")
+    elif array.dtype == np.uint16:
+        array = np.round(array / 257).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"images: expected uint8, uint16 or float pixels, got {array.dtype}")
+    pixels = array[..., 0] if array.shape[-1] == 1 else array
+    return np.stack([pipeline.image_transform(Image.fromarray(p), image_size) for p in pixels])
+
+
+class Model:
+    """A method, its params and frozen backbone, compiled for inference on this host's devices.
+
+    Built by `load`; `config` and `method` are what it runs, `source` where its params came from.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, inference: evaluate.Model) -> None:
+        self.config = config
+        self._inference = inference
+        self.batch_size = config.eval.batch_size
+        self._encode = jax.jit(inference.method.encode_images)
+        self._text = jax.jit(inference.method.text_features, static_argnums=2)
+
+    @property
+    def method(self) -> Method:
+        return self._inference.method
+
+    @property
+    def source(self) -> str:
+        return self._inference.source
+
+    def _batches(self, images: np.ndarray, class_name: str | None):
+        """This host's padded batches of `images`: (host batch, number of real rows)."""
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            n = len(chunk)
+            pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), np.float32)
+            host = {"image": np.concatenate([chunk, pad]),
+                    "valid": np.arange(self.batch_size) < n,
+                    "cls_name": np.array([class_name or ""] * n + [""] * (len(pad)), object)}
+            host.update(self.method.host_inputs(host))
+            yield parallel.global_batch(host, self._inference.mesh), n
+
+    def predict(
+        self, images: Any, *, class_name: str | None = None, normalized: bool = False
+    ) -> Prediction:
+        """Anomaly maps and image scores of `images`.
+
+        Args:
+          images: (N, H, W, C) or (H, W, C) pixels at any size: uint8, uint16 or float (by the
+            range they are in: [0, 1], [0, 255] or [0, 65535]); C = 1, 3 or 4. Resized and
+            normalised like image files. With `normalized=True`: float (N, S, S, 3) already
+            CLIP-normalised at the model's size S.
+          class_name: the parts' class (e.g. "bottle") for methods whose prompts name it
+            (GenCLIP); pass its generic word (e.g. "object") if unknown.
+        """
+        if class_name is None and self.method.needs_class_name:
+            raise ValueError(
+                f"predict: the {self.method.name} prompts name the class: pass class_name= "
+                "(e.g. class_name='bottle'), or the generic word "
+                f"{self.config.genclip.cnf.generic_word!r} when it is unknown"
+            )
+        pixels = _images_in(images, self.config.model.image_size, normalized)
+        m = self._inference
+        maps, scores = [], []
+        for batch, n in self._batches(pixels, class_name):
+            out = m.predict(m.params, m.clip_params, batch.pop("image"), batch)
+            maps.append(np.asarray(out["anomaly_map"])[:n])
+            scores.append(np.asarray(out["image_score"])[:n])
+        return Prediction(np.concatenate(maps), np.concatenate(scores))
+
+    def encode_images(self, images: Any, *, normalized: bool = False) -> VisionFeatures:
+        """The frozen vision features the method uses (numpy; leading axis N for the global
+        feature, axis 1 for the per-layer patch tokens and mean tokens)."""
+        pixels = _images_in(images, self.config.model.image_size, normalized)
+        parts = []
+        for batch, n in self._batches(pixels, None):
+            feats = jax.device_get(self._encode(self._inference.clip_params, batch["image"]))
+            parts.append(jax.tree.map(lambda axis, x, n=n: np.take(x, np.arange(n), axis),
+                                      BATCH_AXES, feats))
+        return jax.tree.map(lambda axis, *xs: np.concatenate(xs, axis), BATCH_AXES, *parts)
+
+    def text_features(self, class_name: str | None = None) -> np.ndarray:
+        """(2, D) [normal, abnormal] text features of the learned prompts (for `class_name`
+        where the method's prompts name the class)."""
+        m = self._inference
+        return np.asarray(self._text(m.params, m.clip_params, class_name))
+
+
+def _apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]):
+    """`overrides` applied, the batch size rounded up to a multiple of the devices it uses."""
+    fields = {ALIASES.get(k, k.replace("__", ".")): v for k, v in overrides.items()}
+    config = config_overrides.apply_overrides(config, fields)
+    devices = config.parallel.num_devices or jax.device_count()
+    config.eval.batch_size = -(-config.eval.batch_size // devices) * devices
+    return config
+
+
+def _export_config(info: dict | None, path: pathlib.Path) -> ml_collections.ConfigDict:
+    """The config of a params export: the full config it stores, or the defaults with what a
+    converted checkpoint records (method, prompt sizes)."""
+    if info and "model" in info:
+        return ml_collections.ConfigDict(info)
+    if not info or "method" not in info:
+        raise ValueError(f"{path}: the export records no config; pass config= (a config file "
+                         "or ConfigDict) to load it")
+    config = defaults.base_config()
+    known = {k: v for k, v in info.items() if "." in k or k == "method"}
+    return config_overrides.apply_overrides(config, known)
+
+
+def _as_config(config: str | os.PathLike | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    if isinstance(config, ml_collections.ConfigDict):
+        return config
+    return config_overrides.load_config_file(os.fspath(config))
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    config: str | os.PathLike | ml_collections.ConfigDict | None = None,
+    **overrides: Any,
+) -> Model:
+    """A model ready for `predict`, from a run, a params export or a config.
+
+    Args:
+      path: a run directory (its config.json and latest checkpoint; nothing is written), or a
+        params export (the output of `genclip-jax convert`). None: `config` alone, for a method
+        with nothing to train.
+      config: a config file (`configs/X.py[:arg]`) or ConfigDict; default: the run's own.
+      **overrides: config fields to change: `clip=` (the backbone: e.g. a local copy of the
+        run's weights), `image_size=`, `compute_dtype=`, `batch_size=`, `num_devices=`, or any
+        field with `__` for its dots (`genclip__fusion_w=0.3`).
+    """
+    if path is None:
+        if config is None:
+            raise ValueError("load: give a run directory or params export, or config=")
+        cfg = _apply(_as_config(config), overrides)
+        validate.validate(cfg, "predict")
+        inference = evaluate.load_model(cfg, "", params={})
+        if jax.tree.leaves(jax.eval_shape(inference.method.init, jax.random.PRNGKey(0))):
+            raise ValueError(f"load: method {cfg.method!r} learns params: load a run directory "
+                             "or a params export, not a config alone")
+        return Model(cfg, inference)
+    path = pathlib.Path(path)
+    run = run_dir.RunDir(path)
+    if run.saved_config() is not None:
+        cfg = _apply(_as_config(config) if config else ml_collections.ConfigDict(
+            run.saved_config()), overrides)
+        validate.validate(cfg, "predict")
+        unpinned = ("model.clip",) if "clip" in overrides or "model__clip" in overrides else ()
+        if unpinned:
+            logging.warning("load: model.clip=%r instead of the run's: it must hold the same "
+                            "weights", cfg.model.clip)
+        return Model(cfg, evaluate.load_model(cfg, str(path), unpinned=unpinned))
+    if (path / "params").is_dir():
+        _, info = checkpoint.load_params(path)
+        cfg = _as_config(config) if config else _export_config(info, path)
+        cfg = _apply(cfg, {**overrides, "eval__params": str(path)})
+        validate.validate(cfg, "predict")
+        return Model(cfg, evaluate.load_model(cfg, ""))
+    raise FileNotFoundError(
+        f"load: {path} is neither a run directory (expected {path / 'config.json'} and "
+        f"{path / 'checkpoints'}) nor a params export (expected {path / 'params'}/)"
+    )
