@@ -9,16 +9,17 @@ import pathlib
 import runpy
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 from train_helpers import tiny_config, write_dataset
 
 import genclip_jax
-from genclip_jax import checkpoint, predict, train
+from genclip_jax import checkpoint, maps, predict, train
 from genclip_jax.clip.model import CLIPConfig
 from genclip_jax.data import pipeline
-from genclip_jax.methods import Method, create_method
+from genclip_jax.methods import METHODS, Method, create_method
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,15 @@ def test_a_converted_export_takes_the_prompt_sizes_it_records(model, run, data_r
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.fixture
+def method_registry():
+    """Methods a test registers leave the registry with the test."""
+    saved = dict(METHODS)
+    yield
+    METHODS.clear()
+    METHODS.update(saved)
+
+
 def test_example_predict_arrays(run, data_root, capsys):
     example = runpy.run_path(str(EXAMPLES / "predict_arrays.py"))
     result = example["main"](str(run), str(data_root / "disc" / "test"))
@@ -202,7 +212,9 @@ def test_example_predict_arrays(run, data_root, capsys):
     assert lines[-1] == "anomaly maps: (4, 112, 112)"
 
 
-def test_example_custom_method_trains_and_evaluates_outside_the_package(tmp_path):
+def test_example_custom_method_trains_and_evaluates_outside_the_package(
+    tmp_path, method_registry
+):
     example = runpy.run_path(str(EXAMPLES / "custom_method.py"))
     rows = example["main"](tmp_path)
     assert set(rows) == {"checker", "disc", "stripes"}
@@ -212,3 +224,29 @@ def test_example_custom_method_trains_and_evaluates_outside_the_package(tmp_path
     model = genclip_jax.load(tmp_path / "run")  # the API runs it too
     assert model.text_features().shape == (2, 32)
     assert model.predict(np.zeros((1, 40, 40, 3), np.uint8)).image_score.shape == (1,)
+
+
+def test_a_method_without_training_loads_from_a_config_alone(data_root, method_registry):
+    prototypes = runpy.run_path(str(EXAMPLES / "custom_method.py"))["Prototypes"]
+
+    class Fixed(prototypes):  # the example's method with fixed, unlearned prototypes
+        name = "fixed"
+
+        def init(self, rng):
+            return {}
+
+        def text_features(self, params, clip_params, class_name=None):
+            return jnp.eye(2, self.clip_config.embed_dim)
+
+        def _probs(self, params, feats):
+            probs = maps.patch_probabilities(feats.patch_tokens[-1], self.text_features({}, None))
+            return maps.upsample(probs, self.size)
+
+    genclip_jax.register_method("fixed", Fixed)
+    config = genclip_jax.base_config()
+    config.method, config.model.clip, config.model.image_size = "fixed", "random", 112
+    model = genclip_jax.load(config=config)
+    assert model.method.name == "fixed" and model.source == "given params"
+    result = model.predict(_pixels(_files(data_root)[:2]))
+    np.testing.assert_array_equal(result.image_score, result.anomaly_map.max(axis=(1, 2)))
+    assert result.anomaly_map.std() > 0  # a real map, not a constant
