@@ -53,13 +53,13 @@ COMMANDS = {
         "genclip-jax convert anomalyclip --pth=epoch_15.pth --out=runs/official_visa",
     ),
     "make-meta": Command(
-        "write the meta.json of a raw dataset folder",
-        ("dataset", "root", "out", "overwrite"),
+        "write the meta.json of a raw dataset folder (a published layout, or plain folders)",
+        ("dataset", "root", "out", "overwrite", "test-fraction", "seed"),
         "genclip-jax make-meta --dataset=mvtec --root=/data/mvtec",
     ),
     "synthetic": Command(
         "write a small synthetic MVTec-style dataset (images, masks, meta.json) into --out",
-        ("out", "seed", "overwrite"),
+        ("out", "seed", "overwrite", "layout"),
         "genclip-jax synthetic --out=/tmp/genclip_try/source --seed=0",
     ),
     "demo": Command(
@@ -97,14 +97,30 @@ flags.DEFINE_string(
     "default ROOT/meta.json; synthetic: the dataset folder.",
 )
 flags.DEFINE_string("pth", None, "convert: the official checkpoint (.pth).")
-flags.DEFINE_string("dataset", None, "make-meta: dataset layout (mvtec, visa, mpdd, btad, ...).")
+flags.DEFINE_string(
+    "dataset", None,
+    "make-meta: dataset layout (mvtec, visa, mpdd, btad, dtd, sdd, dagm), or folder: "
+    "ROOT/<class>/good/ and ROOT/<class>/<defect type>/, masks optional in "
+    "ROOT/<class>/masks/<defect type>/ with the same file stem.",
+)
 flags.DEFINE_string("root", None, "make-meta: dataset root folder.")
+flags.DEFINE_float(
+    "test-fraction", 0.2,
+    "make-meta --dataset=folder: fraction of each class's good and of its defective images put "
+    "in the test split (0: everything in train).",
+)
+flags.DEFINE_enum(
+    "layout", "mvtec", ["mvtec", "folder"],
+    "synthetic: mvtec (with meta.json) or folder (plain good/defect/masks folders, no meta.json).",
+)
 flags.DEFINE_bool(
     "overwrite", False,
     "convert: replace an existing output directory; make-meta: replace an existing meta.json; "
     "synthetic: write into a non-empty folder.",
 )
-flags.DEFINE_integer("seed", 0, "synthetic: seed of the images and defects.")
+flags.DEFINE_integer(
+    "seed", 0, "synthetic: seed of the images and defects; make-meta: seed of the folder split.",
+)
 flags.DEFINE_string("sweep", None, "ablate: comma-separated variants or field=value overrides.")
 flags.DEFINE_list("seeds", None, "ablate: training seeds to average (default: train.seed).")
 flags.DEFINE_bool("profile", False, "Write a jax.profiler trace into WORKDIR/profile.")
@@ -194,7 +210,8 @@ def _make_meta() -> None:
     from genclip_jax.data import meta
 
     _require("dataset", "root")
-    print(meta.make_meta(FLAGS.dataset, FLAGS.root, FLAGS.out, overwrite=FLAGS.overwrite))
+    print(meta.make_meta(FLAGS.dataset, FLAGS.root, FLAGS.out, overwrite=FLAGS.overwrite,
+                         test_fraction=FLAGS["test-fraction"].value, seed=FLAGS.seed))
 
 
 def _ablate() -> None:
@@ -213,7 +230,7 @@ def _synthetic() -> None:
     if out.is_dir() and any(out.iterdir()) and not FLAGS.overwrite:
         raise FileExistsError(f"--out={out} is not empty: give a new folder, or --overwrite to "
                               "write the dataset into it")
-    print(synthetic.write_synthetic_dataset(out, seed=FLAGS.seed))
+    print(synthetic.write_synthetic_dataset(out, seed=FLAGS.seed, layout=FLAGS.layout))
 
 
 def _demo() -> None:

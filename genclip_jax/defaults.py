@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.test_split = "test"
     c.data.test_classes = ()
     c.data.prefetch = 2
+    # A defect listed without a mask: "ignore" = no pixel labels (pixel losses and pixel metrics
+    # leave it out, image ones count it), "zeros" = an all-normal mask (the reference code).
+    c.data.missing_mask = "ignore"
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 15
@@ -118,6 +121,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 111
     c.train.shuffle = True
     c.train.cache_features = False  # compute the frozen vision taps once, reuse every epoch
+    # Paste synthetic defects (with exact masks) on a fraction of each epoch's normal images:
+    # training from normal images only. Kinds: data/anomaly_synthesis.py.
+    c.train.synthetic_anomalies = False
+    c.train.synthetic_fraction = 0.5
+    c.train.synthetic_kinds = ["cutpaste", "perlin", "scratch", "spot", "crack"]
+    c.train.synthetic_weights = [1.0, 1.0, 1.0, 1.0, 1.0]  # one per kind, relative
     c.train.checkpoint_keep = 3
     c.train.log_every_steps = 10
     c.train.progress = True

@@ -117,7 +117,8 @@ def predictions(
 ) -> Iterator[tuple[dict, dict]]:
     """Per batch: (this host's input batch, outputs as global arrays sharded on "data").
 
-    Outputs: anomaly_map (B, S, S), image_score (B,) and the batch's mask, label, index, valid.
+    Outputs: anomaly_map (B, S, S), image_score (B,) and the batch's mask, label, has_mask,
+    index, valid.
     """
     batches = pipeline.batches(
         dataset, config.eval.batch_size, prefetch=config.data.prefetch,
@@ -129,19 +130,22 @@ def predictions(
         host_batch.update(model.method.host_inputs(host_batch))
         batch = parallel.global_batch(host_batch, model.mesh)
         pred = model.predict(model.params, model.clip_params, batch.pop("image"), batch)
-        yield host_batch, {**pred, **{k: batch[k] for k in ("mask", "label", "index", "valid")}}
+        keys = ("mask", "label", "has_mask", "index", "valid")
+        yield host_batch, {**pred, **{k: batch[k] for k in keys}}
 
 
 def predict_dataset(
     config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset
 ) -> dict[str, np.ndarray]:
-    """Maps (N, S, S), image scores, masks (uint8) and labels of every sample, by dataset index."""
+    """Maps (N, S, S), image scores, masks (uint8), labels and has_mask of every sample, by
+    dataset index."""
     n, size = len(dataset), config.model.image_size
     out = {
         "anomaly_map": np.zeros((n, size, size), np.float32),
         "image_score": np.zeros((n,), np.float32),
         "mask": np.zeros((n, size, size), np.uint8),
         "label": np.zeros((n,), np.int32),
+        "has_mask": np.zeros((n,), bool),
     }
     for _, outputs in predictions(config, model, dataset):
         store_rows(out, parallel.gather(outputs))
@@ -195,17 +199,29 @@ def adapt_to_classes(
 def class_rows(
     entries: Sequence[dict], results: dict[str, np.ndarray], config: ml_collections.ConfigDict
 ) -> dict[str, dict[str, float]]:
-    """{class: {metric: value}} in the order classes first appear in the dataset."""
+    """{class: {metric: value}} in the order classes first appear in the dataset.
+
+    Image metrics count every image; pixel metrics the images whose mask is known (a defect
+    without a mask has no pixel labels, under `data.missing_mask="ignore"`). When some defect
+    has no mask, every row also gets the counts `metrics.COUNT_COLUMNS`.
+    """
     names = np.array([e["cls_name"] for e in entries])
+    defective = results["label"] == 1
+    counted = bool((defective & ~results["has_mask"]).any())
     rows = {}
     for cls in dict.fromkeys(names):
         idx = np.flatnonzero(names == cls)
-        logging.info("metrics of %s (%d images)", cls, len(idx))
+        pixel_idx = idx[results["has_mask"][idx]]
+        logging.info("metrics of %s (%d images, %d with pixel labels)", cls, len(idx),
+                     len(pixel_idx))
         rows[str(cls)] = metrics.compute_class_metrics(
-            results["anomaly_map"][idx], results["mask"][idx].astype(np.float32),
+            results["anomaly_map"][pixel_idx], results["mask"][pixel_idx].astype(np.float32),
             results["image_score"][idx], results["label"][idx],
             metrics=list(config.eval.metrics), aupro_mode=config.eval.aupro_mode,
         )
+        if counted:
+            rows[str(cls)].update(dict(zip(metrics.COUNT_COLUMNS, (
+                float(defective[idx].sum()), float(defective[pixel_idx].sum())), strict=True)))
     return rows
 
 
@@ -265,7 +281,8 @@ def prepare_target(
     parallel.initialize(config.parallel)  # before the first question to JAX
     if jax.process_index() == 0:
         files.check_writable(out_dir.parent, flag)
-    return Target(root, entries, pipeline.Dataset.from_entries(root, entries), out_dir)
+    dataset = pipeline.Dataset.from_entries(root, entries, config.data.missing_mask)
+    return Target(root, entries, dataset, out_dir)
 
 
 def write_results(

@@ -7,6 +7,9 @@ the valid rows only. With ``valid=None`` or all rows valid the value is the refe
 finite gradients, padded rows should still hold finite inputs (e.g. copies of a real row): a
 non-finite value in an unselected row can still poison gradients through ``where``.
 If no row is valid the loss is 0.
+
+Pixel losses count only the rows whose mask is known (`pixel_rows`): a defect labelled without a
+mask trains the image loss only, and a batch without any masked row gives pixel losses of 0.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["anomalyclip_local_loss", "cross_entropy", "dice_loss", "focal_loss"]
+__all__ = ["anomalyclip_local_loss", "cross_entropy", "dice_loss", "focal_loss", "pixel_rows"]
+
+
+def pixel_rows(batch: dict) -> jax.Array | None:
+    """(B,) bool: the rows a pixel loss counts, `valid & has_mask` (either may be absent)."""
+    rows = [batch[k].astype(bool) for k in ("valid", "has_mask") if batch.get(k) is not None]
+    if not rows:
+        return None
+    return rows[0] if len(rows) == 1 else rows[0] & rows[1]
 
 
 def _row_mask(valid: jax.Array | None, batch: int, name: str) -> jax.Array:

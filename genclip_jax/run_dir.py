@@ -48,10 +48,11 @@ MODEL_FIELDS: tuple[str, ...] = (
     "genclip.fp16_deep_prompts", "genclip.temperature", "genclip.image_text_layer",
 )
 TRAINING_FIELDS: tuple[str, ...] = (
-    "data.train_root", "data.train_split", "data.train_classes",
+    "data.train_root", "data.train_split", "data.train_classes", "data.missing_mask",
     "model.image_size",
     "train.batch_size", "train.lr", "train.b1", "train.b2", "train.eps", "train.seed",
-    "train.shuffle",
+    "train.shuffle", "train.synthetic_anomalies", "train.synthetic_fraction",
+    "train.synthetic_kinds", "train.synthetic_weights",
     "prompts.init_std", "genclip.init_std", "genclip.mvp_init",
     "anomalyclip.features_list", "anomalyclip.local_loss_weight",
     "genclip.image_loss_weight", "genclip.query_loss_weight",

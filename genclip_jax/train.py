@@ -26,7 +26,7 @@ from tqdm import tqdm
 from genclip_jax import checkpoint, evaluate, parallel, run_dir, validate
 from genclip_jax.backbone import load_backbone
 from genclip_jax.clip.vision import BATCH_AXES, VisionFeatures
-from genclip_jax.data import pipeline
+from genclip_jax.data import anomaly_synthesis, pipeline
 from genclip_jax.methods import create_method
 from genclip_jax.metric_writers import MetricWriter, create_default_writer
 
@@ -114,13 +114,19 @@ def train_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
     """The training split; every listed file is checked now, and an empty split is an error."""
     root, split = config.data.train_root, config.data.train_split
     classes = list(config.data.train_classes) or None
-    dataset = pipeline.Dataset.from_meta(root, split, classes)
+    dataset = pipeline.Dataset.from_meta(root, split, classes,
+                                         missing_mask=config.data.missing_mask)
     if not len(dataset):
         raise ValueError(
             f"{pathlib.Path(root) / 'meta.json'}: no images in split {split!r}"
             + (f" for classes {classes}" if classes else "") + "; nothing to train on "
             "(data.train_split picks the split; the official recipe trains on 'test')"
         )
+    if not dataset.labels.any() and not config.train.synthetic_anomalies:
+        logging.warning(
+            "%s: split %r holds normal images only, so the prompts learn no defect; set "
+            "--config.train.synthetic_anomalies=true to paste synthetic defects on them",
+            pathlib.Path(root) / "meta.json", split)
     return dataset
 
 
@@ -131,6 +137,18 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
     parallel.check_same_on_all_processes("config", json.dumps(shared, sort_keys=True))
     meta = pathlib.Path(config.data.train_root) / "meta.json"
     parallel.check_same_on_all_processes("training data (meta.json)", meta.read_text())
+
+
+def make_synthesizer(
+    train_cfg: ml_collections.ConfigDict,
+) -> anomaly_synthesis.AnomalySynthesizer | None:
+    """The synthetic-defect augmentation of `train.synthetic_*`, or None when it is off."""
+    if not train_cfg.synthetic_anomalies:
+        return None
+    return anomaly_synthesis.AnomalySynthesizer(
+        seed=train_cfg.seed, fraction=train_cfg.synthetic_fraction,
+        kinds=tuple(train_cfg.synthetic_kinds), weights=tuple(train_cfg.synthetic_weights),
+    )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -199,7 +217,11 @@ def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) ->
 
     encode = make_encode_fn(method)
     update = make_update_fn(method, tx)
-    cache = FeatureCache() if config.train.cache_features else None
+    synthesizer = make_synthesizer(config.train)
+    cache = FeatureCache() if config.train.cache_features and synthesizer is None else None
+    if config.train.cache_features and synthesizer is not None:
+        logging.info("train.cache_features is off for this run: train.synthetic_anomalies "
+                     "changes the images every epoch")
     steps_per_epoch = pipeline.num_batches(len(dataset), config.train.batch_size)
     order = {"shuffle": config.train.shuffle, "seed": config.train.seed}
     for epoch in range(start_epoch, config.train.epochs):
@@ -212,6 +234,8 @@ def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) ->
             dataset, config.train.batch_size, epoch=epoch, **order,
             prefetch=config.data.prefetch, image_size=config.model.image_size,
             with_images=not cached,
+            synthesize=None if synthesizer is None else synthesizer.for_epoch(dataset.labels,
+                                                                              epoch),
         )
         progress = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}",
                         disable=not config.train.progress or jax.process_index() != 0)

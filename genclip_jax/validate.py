@@ -25,7 +25,9 @@ import ml_collections
 from genclip_jax import maps, metrics
 from genclip_jax.clip.model import DTYPES, CLIPConfig
 from genclip_jax.clip.vision import GLOBAL_MODES, HIDDEN_STREAMS
+from genclip_jax.data.anomaly_synthesis import KINDS
 from genclip_jax.data.meta import SPLITS
+from genclip_jax.data.pipeline import MISSING_MASK_RULES
 from genclip_jax.methods import METHODS
 from genclip_jax.methods.genclip import IMAGE_SCORES, IMAGE_TEXT_LAYERS
 from genclip_jax.prompts import cnf
@@ -46,9 +48,12 @@ CHOICES: dict[str, Sequence[str]] = {
     "eval.aupro_mode": metrics.AUPRO_MODES,
     "data.train_split": SPLITS,
     "data.test_split": SPLITS,
+    "data.missing_mask": MISSING_MASK_RULES,
 }
 # Fields whose every element comes from a fixed set (no repeats, at least one).
-LIST_CHOICES: dict[str, Sequence[str]] = {"eval.metrics": metrics.METRIC_NAMES}
+LIST_CHOICES: dict[str, Sequence[str]] = {
+    "eval.metrics": metrics.METRIC_NAMES, "train.synthetic_kinds": KINDS,
+}
 POSITIVE_INTS = (
     "model.image_size", "prompts.n_ctx", "genclip.state_len", "genclip.gqp_len",
     "train.epochs", "train.batch_size", "train.checkpoint_keep", "train.log_every_steps",
@@ -67,7 +72,9 @@ NON_NEGATIVE_FLOATS = (
     "prompts.init_std", "genclip.init_std", "anomalyclip.local_loss_weight",
     "genclip.image_loss_weight", "genclip.query_loss_weight",
 )
-UNIT_INTERVAL = ("genclip.fusion_w", "genclip.image_score_mix")  # [0, 1]
+UNIT_INTERVAL = (  # [0, 1]
+    "genclip.fusion_w", "genclip.image_score_mix", "train.synthetic_fraction",
+)
 BETAS = ("train.b1", "train.b2")  # [0, 1)
 LAYER_LISTS = {"anomalyclip": "anomalyclip.features_list", "genclip": "genclip.layers"}
 TEMPLATES = (
@@ -134,6 +141,14 @@ def _list_errors(config: ml_collections.ConfigDict) -> list[str]:
         repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:
             errors.append(f"{field}: expected each name once, got {repeated} repeated")
+    kinds, weights = list(config.train.synthetic_kinds), list(config.train.synthetic_weights)
+    if len(weights) != len(kinds) or not all(
+        isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        for w in weights
+    ) or not sum(weights):
+        errors.append(f"train.synthetic_weights: expected {len(kinds)} numbers >= 0 with a "
+                      f"positive sum, one per kind of train.synthetic_kinds {kinds}, got "
+                      f"{weights!r}")
     for field in LAYER_LISTS.values():
         layers = list(get_field(config, field))
         if not layers or not all(isinstance(x, int) and x >= 1 for x in layers):

@@ -279,11 +279,13 @@ def test_batches_padding_and_keys(root):
     last = out[-1]
     assert last["valid"].tolist() == [True, True, False]
     assert last["index"].tolist() == [6, 7, -1]
+    assert last["has_mask"].tolist() == [True, True, False]  # padding has no pixel labels
     assert not last["image"][2].any() and last["img_path"][2] == ""
     assert {k: (v.dtype, v.shape) for k, v in out[0].items()} == {
         "image": (np.float32, (3, S, S, 3)),
         "mask": (np.float32, (3, S, S)),
         "label": (np.int32, (3,)),
+        "has_mask": (np.bool_, (3,)),
         "valid": (np.bool_, (3,)),
         "index": (np.int32, (3,)),
         "cls_name": (object, (3,)),

@@ -23,6 +23,8 @@ import json
 import os
 import pathlib
 import re
+import warnings
+import zlib
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -362,6 +364,160 @@ def _dagm(root: str | os.PathLike) -> Meta:
     return meta
 
 
+# ----------------------------------------------------------------------------------------------
+# Plain folders: what users have.
+
+FOLDER_GOOD, FOLDER_MASKS = "good", "masks"
+SUMMARY_COLUMNS = ("good", "defective", "with mask", "unreadable", "train", "test")
+
+
+def _images_under(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Every image file below `folder` (any depth), in natural order of the relative path."""
+    return sorted(
+        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: _natural_key(p.relative_to(folder).as_posix()),
+    )
+
+
+def _readable(path: pathlib.Path) -> tuple[int, int] | None:
+    """The (width, height) of an image file PIL can open and verify, else None."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+        return size
+    except Exception:  # PIL raises many kinds for a bad file
+        return None
+
+
+def _not_another_layout(root: pathlib.Path) -> None:
+    """A dataset in a known layout given as a plain folder: name the right --dataset."""
+    hint = None
+    if (root / "split_csv").is_dir():
+        hint = "visa"
+    for cls in _subdirs(root):
+        names = {p.name for p in cls.iterdir() if p.is_dir()}
+        if {"train", "test"} <= names or "ground_truth" in names:
+            hint = hint or "mvtec"
+        elif {"Train", "Test"} & names:
+            hint = hint or "dagm"
+        elif (cls / "Data" / "Images").is_dir():
+            hint = hint or "visa"
+    if hint:
+        raise ValueError(
+            f"folder: {root} looks like a {hint} layout, not <root>/<class>/{{good,<defect>}}/; "
+            f"use --dataset={hint} (or another of {sorted(GENERATORS)})"
+        )
+
+
+def _folder_class(
+    root: pathlib.Path, cls_dir: pathlib.Path
+) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(good entries, defect entries, counts) of one class folder; warns about what it skips."""
+    good, defects, unreadable = [], [], []
+    masks_dir = cls_dir / FOLDER_MASKS
+    for specie_dir in _subdirs(cls_dir):
+        if specie_dir.name == FOLDER_MASKS:
+            continue
+        anomalous = specie_dir.name != FOLDER_GOOD
+        images = _images_under(specie_dir)
+        if not images:
+            warnings.warn(f"folder: {specie_dir} holds no images; skipped", UserWarning,
+                          stacklevel=3)
+        for img in images:
+            size = _readable(img)
+            if size is None:
+                unreadable.append(img.relative_to(root).as_posix())
+                continue
+            rel = img.relative_to(specie_dir).with_suffix("")
+            mask = next(
+                (m for name in (f"{rel.name}_mask", rel.name)
+                 for m in sorted((masks_dir / specie_dir.name / rel.parent).glob(f"{name}.*"))
+                 if m.suffix.lower() in IMAGE_EXTENSIONS),
+                None,
+            )
+            if mask is not None and not anomalous:
+                with Image.open(mask) as m:
+                    if np.asarray(m.convert("L")).any():
+                        warnings.warn(f"folder: {mask} is a non-empty mask of the good image "
+                                      f"{img}; ignored (good images have no defect)",
+                                      UserWarning, stacklevel=3)
+                mask = None
+            if mask is not None:
+                mask_size = _readable(mask)
+                if mask_size != size:
+                    got = "unreadable" if mask_size is None else "{}x{}".format(*mask_size)
+                    raise ValueError(f"folder: mask {mask} ({got}) does not match its image "
+                                     f"{img} ({size[0]}x{size[1]}, WxH)")
+            entry = _entry(root, img, mask, cls_dir.name, specie_dir.name, anomalous)
+            (defects if anomalous else good).append(entry)
+    if unreadable:
+        warnings.warn(f"folder: {len(unreadable)} unreadable image(s) of class {cls_dir.name!r} "
+                      f"skipped: {unreadable}", UserWarning, stacklevel=3)
+    counts = {"good": len(good), "defective": len(defects),
+              "with mask": sum(bool(e["mask_path"]) for e in defects),
+              "unreadable": len(unreadable)}
+    return good, defects, counts
+
+
+def folder_meta(
+    root: str | os.PathLike, *, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[Meta, dict[str, dict[str, int]]]:
+    """meta.json of `<root>/<class>/good/**` + `<root>/<class>/<defect type>/**`, masks optional
+    in `<root>/<class>/masks/<defect type>/` (same relative path and stem, `_mask` suffix
+    allowed), and a summary {class: {column: count}} (`SUMMARY_COLUMNS`).
+
+    Each class is split into train/test by `test_fraction`, separately for its good and its
+    defective images (stratified), by a permutation seeded by (seed, class name): the same files
+    always give the same split. Unreadable images are skipped with one warning per class.
+    """
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"folder: test_fraction must be in [0, 1], got {test_fraction}")
+    root = _check_root(root)
+    _not_another_layout(root)
+    classes = [d for d in _subdirs(root) if d.name != FOLDER_MASKS]
+    if not classes:
+        raise _layout_error("folder", root, "<root>/<class>/good/<images> and "
+                            "<root>/<class>/<defect type>/<images>")
+    meta: Meta = {split: {} for split in SPLITS}
+    summary = {}
+    for cls_dir in classes:
+        good, defects, counts = _folder_class(root, cls_dir)
+        if not good and not defects:
+            warnings.warn(f"folder: class {cls_dir.name!r} has no readable images; skipped",
+                          UserWarning, stacklevel=2)
+            continue
+        if not defects:
+            warnings.warn(
+                f"folder: class {cls_dir.name!r} has normal images only: usable to train with "
+                "train.synthetic_anomalies, to calibrate and as few-shot references, but its "
+                "test split measures false alarms only", UserWarning, stacklevel=2)
+        if not good:
+            warnings.warn(
+                f"folder: class {cls_dir.name!r} has no good images: usable to train, but its "
+                "test split has no normal image (image AUROC undefined) and it cannot be "
+                "calibrated", UserWarning, stacklevel=2)
+        for group, entries in enumerate((good, defects)):
+            rng = np.random.default_rng([seed, zlib.crc32(cls_dir.name.encode()), group])
+            test = set(rng.permutation(len(entries))[: round(test_fraction * len(entries))])
+            for i, entry in enumerate(entries):
+                meta["test" if i in test else "train"].setdefault(cls_dir.name, []).append(entry)
+        counts["train"] = len(meta["train"].get(cls_dir.name, []))
+        counts["test"] = len(meta["test"].get(cls_dir.name, []))
+        summary[cls_dir.name] = counts
+    return meta, summary
+
+
+def format_summary(summary: dict[str, dict[str, int]]) -> str:
+    """The make-meta table of a folder dataset: one row per class and the total."""
+    total = {c: sum(row[c] for row in summary.values()) for c in SUMMARY_COLUMNS}
+    width = max(len("class"), len("total"), *map(len, summary))
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{c:>10}" for c in SUMMARY_COLUMNS)]
+    for name, row in {**summary, "total": total}.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{row[c]:>10}" for c in SUMMARY_COLUMNS))
+    return "\n".join(lines)
+
+
 GENERATORS: dict[str, Callable[[str | os.PathLike], Meta]] = {
     "mvtec": functools.partial(_mvtec_like, dataset="mvtec", normal="good"),
     "mpdd": functools.partial(_mvtec_like, dataset="mpdd", normal="good"),
@@ -370,6 +526,7 @@ GENERATORS: dict[str, Callable[[str | os.PathLike], Meta]] = {
     "visa": _visa,
     "sdd": _sdd,
     "dagm": _dagm,
+    "folder": lambda root: folder_meta(root)[0],
 }
 
 
@@ -381,12 +538,15 @@ def generate_meta(dataset: str, root: str | os.PathLike) -> Meta:
 
 
 def make_meta(
-    dataset: str, root: str, out: str | None = None, *, overwrite: bool = False
+    dataset: str, root: str, out: str | None = None, *, overwrite: bool = False,
+    test_fraction: float = 0.2, seed: int = 0,
 ) -> pathlib.Path:
     """Generates, checks (every listed file must exist) and writes meta.json; the CLI entry point.
 
     `out` defaults to `<root>/meta.json`; returns the path written. An existing file is kept
     unless `overwrite` (meta.json files get hand-edited), checked before any scanning.
+    `test_fraction` and `seed` split the "folder" layout (`folder_meta`), whose summary table is
+    printed; the published datasets come with their own split.
     """
     out_path = pathlib.Path(out) if out is not None else pathlib.Path(root) / "meta.json"
     if out_path.exists() and not overwrite:
@@ -394,7 +554,11 @@ def make_meta(
             f"{out_path} already exists: expected a new path, or pass --overwrite "
             "(overwrite=True) to replace it"
         )
-    meta = generate_meta(dataset, root)
+    if dataset.lower() == "folder":
+        meta, summary = folder_meta(root, test_fraction=test_fraction, seed=seed)
+        print(format_summary(summary))
+    else:
+        meta = generate_meta(dataset, root)
     validate_meta(meta, source=out_path, root=root, check_files=True)
     return write_meta(meta, out_path)
 

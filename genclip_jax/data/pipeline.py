@@ -27,11 +27,12 @@ Input rules (each violation raises an error naming the file):
 
 Batches (dicts of numpy arrays, leading axis = this host's rows):
   image (b, S, S, 3) float32 (left out with `with_images=False`), mask (b, S, S) float32 in
-  {0, 1}, label (b,) int32, valid (b,) bool, index (b,) int32 (position in the dataset, -1 for
-  padding), cls_name / specie_name / img_path (b,) str. The global batch of `batch_size` rows is
-  split over hosts, host h taking rows [h*b, (h+1)*b) with b = batch_size / process_count, so the
-  union over hosts of one step is the single-host global batch. The last batch is padded (zero
-  image, valid=False), never dropped. With `skip_unreadable` a sample that fails to load becomes a
+  {0, 1}, label (b,) int32, has_mask (b,) bool (False: a defect without a mask, and padding),
+  valid (b,) bool, index (b,) int32 (position in the dataset, -1 for padding), cls_name /
+  specie_name / img_path (b,) str. The global batch of `batch_size` rows is split over hosts,
+  host h taking rows [h*b, (h+1)*b) with b = batch_size / process_count, so the union over hosts
+  of one step is the single-host global batch. The last batch is padded (zero image,
+  valid=False), never dropped. With `skip_unreadable` a sample that fails to load becomes a
   padding row that keeps its index (valid=False, index >= 0) instead of stopping the run.
 """
 
@@ -175,21 +176,35 @@ def _flat_mean_std(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(CLIP_MEAN, pixels), np.tile(CLIP_STD, pixels)
 
 
-def image_transform(
+def resize_image(
     image: Image.Image, image_size: int = DEFAULT_IMAGE_SIZE, name: str = "image"
 ) -> np.ndarray:
-    """(S, S, 3) float32 CLIP-normalised image: `to_8bit`, PIL BICUBIC resize in that mode, RGB.
-
-    Same float32 operations in the same order as torch's ToTensor + Normalize: bit-identical.
-    `name` (the file) is what an error about the pixel range names.
-    """
+    """(S, S, 3) uint8: `to_8bit`, PIL BICUBIC resize in that mode, RGB (what the model sees,
+    before normalisation; training augmentations act here)."""
     resized = to_8bit(image, name).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
-    mean, std = _flat_mean_std(image_size)
-    x = np.array(resized, np.float32).reshape(-1)
+    return np.asarray(resized)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """(S, S, 3) uint8 -> float32 CLIP-normalised, in the float32 operations and order of torch's
+    ToTensor + Normalize: bit-identical."""
+    size = pixels.shape[0]
+    mean, std = _flat_mean_std(size)
+    x = np.array(pixels, np.float32).reshape(-1)
     x /= np.float32(255)
     x -= mean
     x /= std
-    return x.reshape(image_size, image_size, 3)
+    return x.reshape(size, size, 3)
+
+
+def image_transform(
+    image: Image.Image, image_size: int = DEFAULT_IMAGE_SIZE, name: str = "image"
+) -> np.ndarray:
+    """(S, S, 3) float32 CLIP-normalised image: `resize_image` then `normalize`.
+
+    `name` (the file) is what an error about the pixel range names.
+    """
+    return normalize(resize_image(image, image_size, name))
 
 
 def display_images(images: np.ndarray) -> np.ndarray:
@@ -216,7 +231,8 @@ def mask_transform(mask: np.ndarray | None, image_size: int = DEFAULT_IMAGE_SIZE
 class RawSample:
     """A decoded sample, not resized: `image` already mapped to 8 bits by `to_8bit` (so a pixel
     range error names the file when it is read); None = read without the image (labels and masks
-    only); `mask` None = no defect pixels; `label` -1 = unknown."""
+    only); `mask` None = no defect pixels; `label` -1 = unknown; `has_mask` False = a defect whose
+    extent is unknown (no mask file): pixel losses and pixel metrics leave it out."""
 
     image: Image.Image | None
     mask: np.ndarray | None
@@ -224,21 +240,44 @@ class RawSample:
     cls_name: str
     specie_name: str
     img_path: str
+    has_mask: bool = True
+
+
+# A training augmentation that may turn a normal sample into a defective one: (dataset index,
+# resized uint8 pixels) -> None (left as it is) or (new pixels, bool (S, S) mask, defect kind).
+Synthesize = Callable[[int, np.ndarray], "tuple[np.ndarray, np.ndarray, str] | None"]
+MISSING_MASK_RULES = ("ignore", "zeros")
 
 
 class Dataset:
     """Random-access samples; `load(i, image_size)` returns sample i transformed.
 
     `read(i, with_image)` returns sample i decoded; without the image it decodes only the mask.
+    `labels` (N,) holds every sample's label when known without reading (meta.json entries).
     """
 
-    def __init__(self, size: int, read: Callable[[int, bool], RawSample]):
+    def __init__(
+        self, size: int, read: Callable[[int, bool], RawSample],
+        labels: np.ndarray | None = None,
+    ):
         self._size = size
         self._read = read
+        self.labels = labels
 
     @classmethod
-    def from_entries(cls, root: str | os.PathLike, entries: Sequence[dict]) -> Dataset:
-        """From meta.json entries (paths relative to `root`); masks read when anomaly == 1."""
+    def from_entries(
+        cls, root: str | os.PathLike, entries: Sequence[dict], missing_mask: str = "ignore"
+    ) -> Dataset:
+        """From meta.json entries (paths relative to `root`); masks read when anomaly == 1.
+
+        A defect listed without a mask (`mask_path == ''`) is, by `missing_mask`: "ignore" = a
+        sample without pixel labels (`has_mask` False), "zeros" = an all-normal mask (what the
+        reference code does).
+        """
+        if missing_mask not in MISSING_MASK_RULES:
+            raise ValueError(
+                f"missing_mask: expected one of {list(MISSING_MASK_RULES)}, got {missing_mask!r}"
+            )
         root = pathlib.Path(root)
         entries = list(entries)
 
@@ -263,9 +302,11 @@ class Dataset:
                 entry["cls_name"],
                 entry["specie_name"],
                 entry["img_path"],
+                has_mask=entry["anomaly"] != 1 or bool(entry["mask_path"])
+                or missing_mask == "zeros",
             )
 
-        return cls(len(entries), read)
+        return cls(len(entries), read, np.array([e["anomaly"] for e in entries], np.int32))
 
     @classmethod
     def from_meta(
@@ -274,6 +315,7 @@ class Dataset:
         split: str = "test",
         classes: Sequence[str] | None = None,
         meta_path: str | os.PathLike | None = None,
+        missing_mask: str = "ignore",
     ) -> Dataset:
         """The reference Dataset: `meta[split]` classes in key order (`classes` filters).
 
@@ -281,7 +323,7 @@ class Dataset:
         """
         meta_path = pathlib.Path(root) / "meta.json" if meta_path is None else meta_path
         meta = meta_lib.read_meta(meta_path, root=root, check_files=True)
-        return cls.from_entries(root, meta_lib.split_entries(meta, split, classes))
+        return cls.from_entries(root, meta_lib.split_entries(meta, split, classes), missing_mask)
 
     @classmethod
     def from_tfds(cls, source: Sequence[dict]) -> Dataset:
@@ -312,19 +354,31 @@ class Dataset:
             raise IndexError(f"sample index {i} out of range [0, {self._size})")
         return self._read(i, with_image)
 
-    def load(self, i: int, image_size: int = DEFAULT_IMAGE_SIZE, with_image: bool = True) -> dict:
+    def load(
+        self, i: int, image_size: int = DEFAULT_IMAGE_SIZE, with_image: bool = True,
+        synthesize: Synthesize | None = None,
+    ) -> dict:
         """Sample i transformed: image (S, S, 3) (unless `with_image` is False), mask (S, S),
-        label, and its metadata."""
+        label, has_mask, and its metadata. `synthesize` may paste a defect on a normal sample
+        (after the resize, before normalisation): its mask and label 1 replace the sample's."""
         raw = self.read(i, with_image)
-        image = {"image": image_transform(raw.image, image_size)} if with_image else {}
-        return {
-            **image,
+        sample = {
             "mask": mask_transform(raw.mask, image_size),
             "label": raw.label,
+            "has_mask": raw.has_mask,
             "cls_name": raw.cls_name,
             "specie_name": raw.specie_name,
             "img_path": raw.img_path,
         }
+        if with_image:
+            pixels = resize_image(raw.image, image_size, raw.img_path)
+            made = synthesize(i, pixels) if synthesize is not None and raw.label == 0 else None
+            if made is not None:
+                pixels, mask, kind = made
+                sample.update(mask=mask.astype(np.float32), label=1, has_mask=True,
+                              specie_name=kind)
+            sample["image"] = normalize(pixels)
+        return sample
 
 
 def _text(value: str | bytes) -> str:
@@ -420,6 +474,7 @@ def _collate(
     batch = {
         "mask": np.zeros((b, image_size, image_size), np.float32),
         "label": np.zeros((b,), np.int32),
+        "has_mask": np.zeros((b,), bool),
         "valid": np.array([s is not None for s in samples]),
         "index": indices.astype(np.int32),
     }
@@ -427,7 +482,7 @@ def _collate(
         batch["image"] = np.zeros((b, image_size, image_size, 3), np.float32)
     for r, s in enumerate(samples):
         if s is not None:
-            for key in s.keys() & {"image", "mask", "label"}:
+            for key in s.keys() & {"image", "mask", "label", "has_mask"}:
                 batch[key][r] = s[key]
     for key in ("cls_name", "specie_name", "img_path"):
         batch[key] = np.array([s[key] if s is not None else "" for s in samples], dtype=object)
@@ -493,6 +548,7 @@ def batches(
     num_threads: int | None = None,
     with_images: bool = True,
     skip_unreadable: bool = False,
+    synthesize: Synthesize | None = None,
 ) -> Iterator[dict]:
     """This host's batches of one epoch (see the module docstring for keys and sharding).
 
@@ -501,7 +557,8 @@ def batches(
     ahead in a background thread (0 = synchronous) so the accelerator does not wait on PIL.
     `with_images=False` decodes no image at all (masks, labels and metadata only: for epochs
     whose vision features are cached); `skip_unreadable` turns a sample that fails to load into a
-    padding row that keeps its index (for `predict` over arbitrary folders).
+    padding row that keeps its index (for `predict` over arbitrary folders); `synthesize` is
+    handed to `Dataset.load` (training augmentation).
     """
     plan = host_batch_indices(
         len(dataset),
@@ -518,7 +575,7 @@ def batches(
         if i < 0:
             return None
         try:
-            return dataset.load(int(i), image_size, with_images)
+            return dataset.load(int(i), image_size, with_images, synthesize)
         except (ValueError, FileNotFoundError):
             if skip_unreadable:
                 return None

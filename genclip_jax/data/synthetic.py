@@ -19,6 +19,7 @@ from genclip_jax.data import meta as meta_lib
 
 CLASSES = ("stripes", "checker", "disc")
 DEFECTS = ("scratch", "spot", "crack", "missing")
+LAYOUTS = ("mvtec", "folder")
 
 _Grid = tuple[np.ndarray, np.ndarray]  # (y, x) pixel-centre coordinates in [0, 1), each (S, S)
 _Scene = tuple[np.ndarray, np.ndarray, np.ndarray]  # image, object support, what a hole reveals
@@ -66,16 +67,30 @@ _FAMILIES: dict[str, Callable[[np.random.Generator, _Grid], _Scene]] = {
 }
 
 
-def _segment_distance(yx: _Grid, p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Distance of every pixel to the segment p-q (points as (y, x))."""
+def _segment_mask(yx: _Grid, p: np.ndarray, q: np.ndarray, width: float) -> np.ndarray:
+    """Pixels closer than `width` to the segment p-q (points as (y, x)); the distance is computed
+    only in the segment's bounding box grown by `width`, outside of which no pixel can be."""
     y, x = yx
+    mask = np.zeros(y.shape, bool)
+    rows = np.flatnonzero(np.abs(y[:, 0] - np.clip(y[:, 0], *sorted((p[0], q[0])))) <= width)
+    cols = np.flatnonzero(np.abs(x[0] - np.clip(x[0], *sorted((p[1], q[1])))) <= width)
+    if not len(rows) or not len(cols):
+        return mask
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    yy, xx = y[box], x[box]
     d = q - p
-    t = np.clip(((y - p[0]) * d[0] + (x - p[1]) * d[1]) / max(float(d @ d), 1e-12), 0, 1)
-    return np.hypot(y - p[0] - t * d[0], x - p[1] - t * d[1])
+    t = np.clip(((yy - p[0]) * d[0] + (xx - p[1]) * d[1]) / max(float(d @ d), 1e-12), 0, 1)
+    mask[box] = np.hypot(yy - p[0] - t * d[0], xx - p[1] - t * d[1]) < width
+    return mask
 
 
-def _point_in(rng: np.random.Generator, support: np.ndarray, margin: float) -> np.ndarray:
-    """A random (y, x) in [0, 1) inside `support`, at least `margin` from the border."""
+def _point_in(
+    rng: np.random.Generator, support: np.ndarray | None, margin: float
+) -> np.ndarray:
+    """A random (y, x) in [0, 1) inside `support` (None: anywhere), at least `margin` from the
+    border."""
+    if support is None:
+        return rng.uniform(margin, 1 - margin, size=2)
     ys, xs = np.nonzero(support)
     size = support.shape[0]
     keep = (np.minimum(ys, xs) >= margin * size) & (np.maximum(ys, xs) < (1 - margin) * size)
@@ -83,16 +98,18 @@ def _point_in(rng: np.random.Generator, support: np.ndarray, margin: float) -> n
     return (np.array([ys[keep][i], xs[keep][i]]) + 0.5) / size
 
 
-def _defect(
-    kind: str, rng: np.random.Generator, yx: _Grid, support: np.ndarray, pixel: float
+def defect_mask(
+    kind: str, rng: np.random.Generator, yx: _Grid, support: np.ndarray | None, pixel: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(mask, colour) of one defect; colour None means 'show the background' (missing piece)."""
+    """(mask, colour) of one defect of `kind` (one of DEFECTS) placed inside `support` (None:
+    anywhere) on the pixel-centre grid `yx`; `pixel` is one pixel's size in [0, 1) units.
+    Colour None means 'show the background' (missing piece)."""
     y, x = yx
     start = _point_in(rng, support, 0.2)
     if kind == "scratch":
         direction = rng.normal(size=2)
         end = start + direction / np.linalg.norm(direction) * rng.uniform(0.3, 0.5)
-        mask = _segment_distance(yx, start, end) < max(0.008, 0.8 * pixel)
+        mask = _segment_mask(yx, start, end, max(0.008, 0.8 * pixel))
         return mask, np.array([0.95, 0.20, 0.90])
     if kind == "spot":
         ry, rx = rng.uniform(0.04, 0.08, size=2)
@@ -104,7 +121,7 @@ def _defect(
         for _ in range(6):
             heading += rng.uniform(-0.8, 0.8)
             nxt = point + 0.06 * np.array([np.sin(heading), np.cos(heading)])
-            mask |= _segment_distance(yx, point, nxt) < max(0.012, 1.2 * pixel)
+            mask |= _segment_mask(yx, point, nxt, max(0.012, 1.2 * pixel))
             point = nxt
         return mask, np.array([0.05, 0.05, 0.05])
     if kind == "missing":  # a bite out of the object, or a hole in a texture
@@ -124,7 +141,7 @@ def render(
     mask = np.zeros((size, size), bool)
     if defect is not None:
         while mask.sum() < 4:  # resample the (rare) defect that misses the object
-            mask, colour = _defect(defect, rng, yx, support, 1.0 / size)
+            mask, colour = defect_mask(defect, rng, yx, support, 1.0 / size)
             mask &= support
         fill = revealed if colour is None else colour + rng.normal(0, 0.02, size=image.shape)
         image = np.where(mask[..., None], fill, image)
@@ -146,12 +163,18 @@ def write_synthetic_dataset(
     n_train_good: int = 4,
     n_test_good: int = 4,
     n_test_defect_per_type: int = 2,
+    layout: str = "mvtec",
 ) -> pathlib.Path:
     """Writes `<root>/<cls>/{train/good, test/{good,<defect>}, ground_truth/<defect>}` PNGs and
     `<root>/meta.json` (via the MVTec generator); returns the meta.json path.
 
+    `layout="folder"` writes the same images as plain folders instead, `<root>/<cls>/good/`,
+    `<root>/<cls>/<defect>/` and `<root>/<cls>/masks/<defect>/` (what users have; see
+    `meta.folder_meta`), and no meta.json; returns the root.
     Defaults give 3 classes x 12 test images at 128 px: small enough for CI, enough for a demo.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
     unknown = sorted(set(classes) - set(_FAMILIES)) + sorted(set(defects) - set(DEFECTS))
     if unknown:
         raise ValueError(
@@ -175,8 +198,13 @@ def write_synthetic_dataset(
                     ]
                 )
                 image, mask = render(cls, None if specie == "good" else specie, rng, image_size)
-                _save_png(image, root / cls / split / specie / f"{i:03d}.png")
+                name = f"{i:03d}.png" if layout == "mvtec" else f"{split}_{i:03d}.png"
+                folder = root / cls / split if layout == "mvtec" else root / cls
+                _save_png(image, folder / specie / name)
                 if specie != "good":
-                    mask_path = root / cls / "ground_truth" / specie / f"{i:03d}_mask.png"
+                    masks = "ground_truth" if layout == "mvtec" else meta_lib.FOLDER_MASKS
+                    mask_path = root / cls / masks / specie / name.replace(".png", "_mask.png")
                     _save_png(mask.astype(np.uint8) * 255, mask_path)
+    if layout == "folder":
+        return root
     return meta_lib.make_meta("mvtec", str(root), overwrite=True)

@@ -112,15 +112,16 @@ class AnomalyCLIP:
     def loss(
         self, params: dict, clip_params: Any, feats: VisionFeatures, batch: dict
     ) -> tuple[jax.Array, dict]:
-        """Total loss and its pieces; padded rows (`batch["valid"]` False) do not count."""
+        """Total loss and its pieces; padded rows (`batch["valid"]` False) do not count, rows
+        without a mask (`batch["has_mask"]` False) count in the image loss only."""
         out = self.forward(params, clip_params, feats)
-        valid = batch.get("valid")
+        valid, pixel_valid = batch.get("valid"), losses.pixel_rows(batch)
         mask = batch["mask"]
         focal, dice_abn, dice_nor = [], [], []
         for layer_maps in self.upsampled(out["probs"]):
-            focal.append(losses.focal_loss(layer_maps, mask, valid=valid))
-            dice_abn.append(losses.dice_loss(layer_maps[..., 1], mask, valid=valid))
-            dice_nor.append(losses.dice_loss(layer_maps[..., 0], 1.0 - mask, valid=valid))
+            focal.append(losses.focal_loss(layer_maps, mask, valid=pixel_valid))
+            dice_abn.append(losses.dice_loss(layer_maps[..., 1], mask, valid=pixel_valid))
+            dice_nor.append(losses.dice_loss(layer_maps[..., 0], 1.0 - mask, valid=pixel_valid))
         parts = {
             "focal": jnp.stack(focal), "dice_abn": jnp.stack(dice_abn),
             "dice_nor": jnp.stack(dice_nor),

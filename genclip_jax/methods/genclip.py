@@ -164,15 +164,17 @@ class GenCLIP:
     def loss(
         self, params: dict, clip_params: Any, feats: VisionFeatures, batch: dict
     ) -> tuple[jax.Array, dict]:
-        """sum_layers [focal + dice + dice] (vision-enhanced) + image CE (+ query-only term)."""
+        """sum_layers [focal + dice + dice] (vision-enhanced) + image CE (+ query-only term).
+
+        Pixel terms count the rows with a known mask (`losses.pixel_rows`), CE every real row."""
         out = self.forward(params, clip_params, feats, batch)
-        valid, mask = batch.get("valid"), batch["mask"]
-        local = self._pixel_loss(out["probs_vis"], mask, valid)
-        ce = losses.cross_entropy(out["logits_vis"], batch["label"], valid=valid)
+        pixel_valid, mask = losses.pixel_rows(batch), batch["mask"]
+        local = self._pixel_loss(out["probs_vis"], mask, pixel_valid)
+        ce = losses.cross_entropy(out["logits_vis"], batch["label"], valid=batch.get("valid"))
         total = local + self.cfg.image_loss_weight * ce
         if self.cfg.query_loss_weight:
             total = total + self.cfg.query_loss_weight * self._pixel_loss(
-                out["probs_q"], mask, valid)
+                out["probs_q"], mask, pixel_valid)
         return total, {"local": local, "ce": ce, "total": total}
 
     def branch_maps(self, out: dict) -> tuple[jax.Array, jax.Array]:

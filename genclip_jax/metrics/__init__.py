@@ -23,6 +23,7 @@ from genclip_jax.metrics.pixel_level import (
 )
 from genclip_jax.metrics.ranking import RankStatistics, auroc, average_precision, f1_max
 from genclip_jax.metrics.report import (
+    COUNT_COLUMNS,
     IMAGE_METRICS,
     MEAN_ROW,
     METRIC_NAMES,
@@ -38,6 +39,7 @@ from genclip_jax.metrics.undefined import UndefinedMetricWarning
 
 __all__ = [
     "AUPRO_MODES",
+    "COUNT_COLUMNS",
     "IMAGE_METRICS",
     "MEAN_ROW",
     "METRIC_NAMES",

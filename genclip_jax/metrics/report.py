@@ -5,6 +5,8 @@ decimal. `compute_class_metrics` gives one class's row; `write_tables` writes
 `<stem>.md` (x100, 1 decimal), `<stem>.csv` and `<stem>.json` (full precision) atomically.
 NaN (an undefined metric) is written "nan" in Markdown/CSV and null in JSON; the class mean of a
 metric averages the classes where it is defined, with a warning naming the other classes.
+Count columns (`COUNT_COLUMNS`: how many images a row's metrics rest on) are written as integers
+and summed in the mean row.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from genclip_jax.metrics.ranking import auroc, average_precision, f1_max
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max")
 METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
+# Defective images (in the image metrics) and those with a mask (in the pixel metrics): added by
+# the evaluator when some defects have no mask.
+COUNT_COLUMNS = ("defective", "defective_with_mask")
 MEAN_ROW = "mean"
 
 _FROM_STATS = {"auroc": auroc, "ap": average_precision, "f1_max": f1_max}
@@ -101,6 +106,9 @@ def class_mean(rows: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     mean = {}
     for metric in _columns(rows):
         values = {name: float(row[metric]) for name, row in rows.items()}
+        if metric in COUNT_COLUMNS:
+            mean[metric] = float(sum(values.values()))
+            continue
         defined = [v for v in values.values() if not math.isnan(v)]
         undefined = [name for name, v in values.items() if math.isnan(v)]
         if undefined:
@@ -121,13 +129,19 @@ def _with_mean(rows) -> tuple[list[str], dict[str, dict[str, float]]]:
     return columns, table
 
 
+def _cell(column: str, value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    return f"{int(value)}" if column in COUNT_COLUMNS else f"{100 * value:.1f}"
+
+
 def _markdown(columns: list[str], table: dict[str, dict[str, float]]) -> str:
     lines = [
         "| class | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for name, row in table.items():
-        cells = ["nan" if math.isnan(v) else f"{100 * v:.1f}" for v in row.values()]
+        cells = [_cell(m, v) for m, v in row.items()]
         lines.append(f"| {name.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -137,13 +151,15 @@ def _csv(columns: list[str], table: dict[str, dict[str, float]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["class", *columns])
     for name, row in table.items():
-        writer.writerow([name, *("nan" if math.isnan(v) else repr(v) for v in row.values())])
+        writer.writerow([name, *("nan" if math.isnan(v) else str(int(v)) if m in COUNT_COLUMNS
+                                 else repr(v) for m, v in row.items())])
     return buffer.getvalue()
 
 
 def _json(columns: list[str], table: dict[str, dict[str, float]]) -> str:
     clean = {
-        name: {m: None if math.isnan(v) else v for m, v in row.items()}
+        name: {m: None if math.isnan(v) else int(v) if m in COUNT_COLUMNS else v
+               for m, v in row.items()}
         for name, row in table.items()
     }
     mean = clean.pop(MEAN_ROW)
