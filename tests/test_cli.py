@@ -49,7 +49,7 @@ def test_an_unknown_command_prints_the_usage():
     assert result.stderr.startswith("genclip-jax: expected a command, got 'fit'\n\n")
     assert ("usage: genclip-jax {train,eval,predict,convert,make-meta,synthetic,demo,ablate}"
             in result.stderr)
-    assert "  make-meta  write the meta.json of a raw dataset folder\n" in result.stderr
+    assert f"  make-meta  {cli.COMMANDS['make-meta'].summary}\n" in result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h", "help"])
@@ -73,8 +73,8 @@ COMMAND_FLAGS = {
     "eval": ["config", "workdir", "out", "profile"],
     "predict": ["config", "workdir", "images", "out", "profile"],
     "convert": ["pth", "out", "overwrite"],
-    "make-meta": ["dataset", "root", "out", "overwrite"],
-    "synthetic": ["out", "seed", "overwrite"],
+    "make-meta": ["dataset", "root", "out", "overwrite", "test-fraction", "seed"],
+    "synthetic": ["out", "seed", "overwrite", "layout"],
     "demo": ["config", "workdir", "profile"],
     "ablate": ["config", "workdir", "sweep", "seeds", "profile"],
 }

@@ -67,9 +67,9 @@ def test_cached_features_give_the_same_steps_without_decoding_images(
 ):
     _, ref_state, ref_writer = reference
     transforms = []
-    original = pipeline.image_transform
+    original = pipeline.resize_image
     monkeypatch.setattr(
-        pipeline, "image_transform", lambda *a, **k: transforms.append(1) or original(*a, **k)
+        pipeline, "resize_image", lambda *a, **k: transforms.append(1) or original(*a, **k)
     )
     config = tiny_config(data_root)
     config.train.cache_features = True
