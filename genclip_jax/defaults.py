@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.npz_prefix = ""
     c.model.vision_heads = 0  # 0: from the checkpoint's config, else width // 64
     c.model.text_heads = 0
+    # MLP activation: "auto" (the checkpoint's config or file type; OpenAI: QuickGELU),
+    # "quick_gelu" or "gelu" (exact, open_clip's ViT-B-16-plus-240).
+    c.model.activation = "auto"
+    # "" (any CLIP, inferred from the tensors) or a name of clip.model.ARCHITECTURES that the
+    # checkpoint must be (mismatched tensors listed); with model.clip="random", that model.
+    c.model.architecture = ""
     c.model.dpam_start = 6  # first 1-indexed block with the V-V path; 0 = off
     c.model.global_mode = "cls_no_ln_post"  # or "clip" (ln_post CLS)
     c.model.compute_dtype = "float32"  # or "bfloat16" for speed

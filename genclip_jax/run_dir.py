@@ -38,6 +38,7 @@ MODEL_FIELDS: tuple[str, ...] = (
     # The frozen backbone and how its features are taken.
     "model.clip", "model.random_arch", "model.random_seed", "model.npz_prefix",
     "model.vision_heads", "model.text_heads", "model.dpam_start", "model.global_mode",
+    "model.activation", "model.architecture",
     # Prompt shapes and the text they are embedded in.
     "prompts.n_ctx", "prompts.deep_depth", "prompts.deep_length", "prompts.fp16_deep_prompts",
     "prompts.class_word", "prompts.normal_state", "prompts.abnormal_state",

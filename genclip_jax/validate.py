@@ -23,8 +23,9 @@ from typing import Any
 import ml_collections
 
 from genclip_jax import maps, metrics
-from genclip_jax.clip.model import DTYPES, CLIPConfig
+from genclip_jax.clip.model import ARCHITECTURES, DTYPES, CLIPConfig
 from genclip_jax.clip.vision import GLOBAL_MODES, HIDDEN_STREAMS
+from genclip_jax.clip.weights import ACTIVATION_CHOICES
 from genclip_jax.data.anomaly_synthesis import KINDS
 from genclip_jax.data.meta import SPLITS
 from genclip_jax.data.pipeline import MISSING_MASK_RULES
@@ -37,6 +38,8 @@ from genclip_jax.prompts.genclip import MVP_INITS, MVP_TARGETS
 CHOICES: dict[str, Sequence[str]] = {
     "model.global_mode": GLOBAL_MODES,
     "model.compute_dtype": tuple(DTYPES),
+    "model.activation": ACTIVATION_CHOICES,
+    "model.architecture": ("", *ARCHITECTURES),
     "anomalyclip.map_reduce": maps.MAP_REDUCTIONS,
     "genclip.map_reduce": maps.MAP_REDUCTIONS,
     "genclip.mvp_source": HIDDEN_STREAMS,

@@ -5,7 +5,9 @@ A fixture is a main ``.npz`` with a same-stem ``.json`` sidecar; the sidecar's
 whose arrays belong to the same fixture (split off for size).
 
 The environment variable ``GENCLIP_FIXTURES`` selects the main ``.npz`` files (paths separated by
-``:``); without it, every ``tests/data/anomalyclip_*.npz`` that has a sidecar is used.
+``:``); without it, every ``tests/data/anomalyclip_*.npz`` that has a sidecar is used. WinCLIP's
+fixtures (anomalib's code) come the same way from ``GENCLIP_WINCLIP_FIXTURES`` /
+``tests/data/winclip_*.npz``.
 
 Usage in a test module::
 
@@ -35,21 +37,23 @@ def sidecar_path(npz_path: str | os.PathLike) -> pathlib.Path:
     return pathlib.Path(npz_path).with_suffix(".json")
 
 
-def fixture_paths() -> list[pathlib.Path]:
-    """Main fixture ``.npz`` paths: from ``$GENCLIP_FIXTURES`` or the defaults in tests/data."""
-    spec = os.environ.get(ENV_VAR, "").strip()
+def fixture_paths(
+    env_var: str = ENV_VAR, pattern: str = "anomalyclip_*.npz"
+) -> list[pathlib.Path]:
+    """Main fixture ``.npz`` paths: from ``$env_var`` or the `pattern` files in tests/data."""
+    spec = os.environ.get(env_var, "").strip()
     if spec:
         paths = [pathlib.Path(p).expanduser() for p in spec.split(":") if p.strip()]
         for p in paths:
             if not p.is_file():
-                raise FileNotFoundError(f"{ENV_VAR}: fixture file {p} does not exist")
+                raise FileNotFoundError(f"{env_var}: fixture file {p} does not exist")
             if not sidecar_path(p).is_file():
                 raise FileNotFoundError(
-                    f"{ENV_VAR}: fixture {p} has no sidecar {sidecar_path(p)} (expected a .json "
+                    f"{env_var}: fixture {p} has no sidecar {sidecar_path(p)} (expected a .json "
                     "with the same stem)"
                 )
         return paths
-    return sorted(p for p in DATA_DIR.glob("anomalyclip_*.npz") if sidecar_path(p).is_file())
+    return sorted(p for p in DATA_DIR.glob(pattern) if sidecar_path(p).is_file())
 
 
 @functools.lru_cache(maxsize=4)

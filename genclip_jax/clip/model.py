@@ -10,9 +10,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genclip_jax.clip.text import TextTransformer
-from genclip_jax.clip.vision import VisionFeatures, VisionTransformer
+from genclip_jax.clip.vision import VisionFeatures, VisionTransformer, WindowFeatures
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -35,6 +36,7 @@ class CLIPConfig:
     dpam_start: int = 0
     global_mode: str = "cls_no_ln_post"
     compute_dtype: str = "float32"
+    activation: str = "quick_gelu"  # MLP activation: "quick_gelu" (OpenAI) or "gelu" (exact)
 
     @property
     def grid(self) -> int:
@@ -53,12 +55,14 @@ def _openai(embed, res, v_layers, v_width, patch, t_width) -> CLIPConfig:
     )
 
 
-# The published OpenAI architectures (shapes only: for benchmarks and shape checks).
+# Published architectures: OpenAI's, and open_clip's ViT-B-16-plus-240 (WinCLIP's backbone:
+# exact GELU, 64-wide heads). For benchmarks and for checking a checkpoint against its name.
 ARCHITECTURES = {
     "ViT-B/32": _openai(512, 224, 12, 768, 32, 512),
     "ViT-B/16": _openai(512, 224, 12, 768, 16, 512),
     "ViT-L/14": _openai(768, 224, 24, 1024, 14, 768),
     "ViT-L/14@336px": _openai(768, 336, 24, 1024, 14, 768),
+    "ViT-B-16-plus-240": _openai(640, 240, 12, 896, 16, 640).replace(activation="gelu"),
 }
 
 
@@ -80,11 +84,12 @@ class CLIP(nn.Module):
             width=c.vision_width, layers=c.vision_layers, heads=c.vision_heads,
             patch_size=c.vision_patch_size, grid=c.grid, output_dim=c.embed_dim,
             dpam_start=c.dpam_start, global_mode=c.global_mode, dtype=dtype,
+            activation=c.activation,
         )
         self.text = TextTransformer(
             width=c.text_width, layers=c.text_layers, heads=c.text_heads,
             context_length=c.context_length, vocab_size=c.vocab_size, output_dim=c.embed_dim,
-            dtype=dtype,
+            dtype=dtype, activation=c.activation,
         )
 
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> tuple[VisionFeatures, jax.Array]:
@@ -99,6 +104,11 @@ class CLIP(nn.Module):
         hidden_stream: str = "vanilla",
     ) -> VisionFeatures:
         return self.visual(images, tuple(patch_layers), tuple(hidden_layers), hidden_stream)
+
+    def window_features(
+        self, images: jax.Array, windows: Sequence[np.ndarray], patch_ln_post: bool = True
+    ) -> WindowFeatures:
+        return self.visual.window_features(images, windows, patch_ln_post)
 
     def encode_text(self, token_ids: jax.Array) -> jax.Array:
         return self.text(token_ids)

@@ -26,6 +26,7 @@ class TextTransformer(nn.Module):
       width, layers, heads: architecture; `heads` is explicit (not width // 64).
       context_length, vocab_size, output_dim: as in the checkpoint.
       dtype: compute dtype of the matmuls.
+      activation: MLP activation ("quick_gelu" or "gelu").
     """
 
     width: int
@@ -35,6 +36,7 @@ class TextTransformer(nn.Module):
     vocab_size: int
     output_dim: int
     dtype: Dtype = jnp.float32
+    activation: str = "quick_gelu"
 
     def setup(self):
         self.token_embedding = nn.Embed(self.vocab_size, self.width, name="token_embedding")
@@ -42,7 +44,8 @@ class TextTransformer(nn.Module):
             "positional_embedding", nn.initializers.normal(0.01), (self.context_length, self.width)
         )
         self.resblocks = [
-            ResidualBlock(self.width, self.heads, dtype=self.dtype) for _ in range(self.layers)
+            ResidualBlock(self.width, self.heads, dtype=self.dtype, activation=self.activation)
+            for _ in range(self.layers)
         ]
         self.ln_final = LayerNorm()
         self.text_projection = self.param(

@@ -20,6 +20,21 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU: open_clip models trained without `quick_gelu` (ViT-B-16-plus-240)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+# The MLP activation of a checkpoint: not visible in its tensors, so a `CLIPConfig` field.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the activation dtype (as OpenAI's subclass does)."""
 
@@ -30,15 +45,17 @@ class LayerNorm(nn.LayerNorm):
 
 
 class MLP(nn.Module):
-    """c_proj(quick_gelu(c_fc(x))) with a 4x hidden width."""
+    """c_proj(act(c_fc(x))) with a 4x hidden width; `activation` names a key of ACTIVATIONS."""
 
     width: int
     dtype: Dtype = jnp.float32
+    activation: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = nn.Dense(4 * self.width, dtype=self.dtype, name="c_fc")(x)
-        return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(quick_gelu(h))
+        act = activation_fn(self.activation)
+        return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(act(h))
 
 
 def multi_head_attention(
@@ -91,6 +108,7 @@ class ResidualBlock(nn.Module):
     width: int
     heads: int
     dtype: Dtype = jnp.float32
+    activation: str = "quick_gelu"
 
     @nn.compact
     def __call__(
@@ -113,5 +131,6 @@ class ResidualBlock(nn.Module):
         if dual:
             x_vv = (x if x_vv is None else x_vv) + vv_out
         x = x + attn_out
-        x = x + MLP(self.width, dtype=self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
+        mlp = MLP(self.width, dtype=self.dtype, activation=self.activation, name="mlp")
+        x = x + mlp(LayerNorm(name="ln_2")(x))
         return x, x_vv

@@ -15,6 +15,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genclip_jax.clip.transformer import LayerNorm, ResidualBlock
 
@@ -44,6 +45,20 @@ class VisionFeatures:
 
 # The axis of the batch in each field (patch tokens and hidden means are layer-major).
 BATCH_AXES = VisionFeatures(global_feature=0, patch_tokens=1, hidden_mean=1)
+
+
+@flax.struct.dataclass
+class WindowFeatures:
+    """WinCLIP's frozen features (`VisionTransformer.window_features`).
+
+    image: (B, D) standard CLIP image embeddings. patches: (B, h*w, width) last-block patch
+    tokens (after ln_post unless asked raw), not projected. windows: (B, W, D) window
+    embeddings, every scale's windows concatenated in scale order.
+    """
+
+    image: jax.Array
+    patches: jax.Array
+    windows: jax.Array
 
 
 def resize_positional_embedding(pos: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -82,6 +97,7 @@ class VisionTransformer(nn.Module):
       global_mode: "cls_no_ln_post" = vanilla CLS @ proj without ln_post (AnomalyCLIP);
         "clip" = ln_post(CLS) @ proj (standard CLIP).
       dtype: compute dtype of the matmuls (parameters stay float32).
+      activation: MLP activation ("quick_gelu" or "gelu").
     """
 
     width: int
@@ -93,8 +109,46 @@ class VisionTransformer(nn.Module):
     dpam_start: int = 0
     global_mode: str = "cls_no_ln_post"
     dtype: Dtype = jnp.float32
+    activation: str = "quick_gelu"
 
-    @nn.compact
+    def setup(self):
+        p, w = self.patch_size, self.width
+        self.conv1 = nn.Conv(w, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                             dtype=self.dtype)
+        self.class_embedding = self.param("class_embedding", nn.initializers.normal(w**-0.5),
+                                          (w,))
+        self.positional_embedding = self.param(
+            "positional_embedding", nn.initializers.normal(w**-0.5), (self.grid * self.grid + 1, w)
+        )
+        self.ln_pre = LayerNorm()
+        self.resblocks = [
+            ResidualBlock(w, self.heads, dtype=self.dtype, activation=self.activation)
+            for _ in range(self.layers)
+        ]
+        self.ln_post = LayerNorm()
+        self.proj = self.param("proj", nn.initializers.normal(w**-0.5), (w, self.output_dim))
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, 3) normalised images -> (B, 1 + h*w, width) tokens: CLS and patches with
+        their positional embeddings, before ln_pre. H and W are multiples of `patch_size`."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: expected shape (B, H, W, 3), got {tuple(images.shape)}")
+        _, h, w, _ = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"images: height and width must be multiples of the patch size {p}, got {h}x{w}"
+            )
+        x = self.conv1(images.astype(self.dtype))
+        b, gh, gw, _ = x.shape
+        x = x.reshape(b, gh * gw, self.width)
+        cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, self.width))
+        x = jnp.concatenate([cls, x], 1)
+        return x + resize_positional_embedding(self.positional_embedding, (gh, gw)).astype(x.dtype)
+
+    def _project(self, x: jax.Array) -> jax.Array:
+        return x @ self.proj.astype(self.dtype)
+
     def __call__(
         self,
         images: jax.Array,
@@ -107,14 +161,6 @@ class VisionTransformer(nn.Module):
         `hidden_stream` picks the stream averaged for `hidden_mean`: "vanilla" (standard CLIP) or
         "vv" (the V-V stream at DPAM layers, the vanilla one below them).
         """
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images: expected shape (B, H, W, 3), got {tuple(images.shape)}")
-        _, h, w, _ = images.shape
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(
-                f"images: height and width must be multiples of the patch size {p}, got {h}x{w}"
-            )
         if self.global_mode not in GLOBAL_MODES:
             raise ValueError(
                 f"global_mode: expected one of {GLOBAL_MODES}, got {self.global_mode!r}"
@@ -123,44 +169,25 @@ class VisionTransformer(nn.Module):
         _check_layers("hidden_layers", hidden_layers, self.layers)
         if hidden_stream not in HIDDEN_STREAMS:
             raise ValueError(f"hidden_stream: expected 'vanilla' or 'vv', got {hidden_stream!r}")
-
-        x = nn.Conv(
-            self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-            dtype=self.dtype, name="conv1",
-        )(images.astype(self.dtype))
-        b, gh, gw, _ = x.shape
-        x = x.reshape(b, gh * gw, self.width)
-        cls = self.param("class_embedding", nn.initializers.normal(self.width**-0.5), (self.width,))
-        pos = self.param(
-            "positional_embedding",
-            nn.initializers.normal(self.width**-0.5),
-            (self.grid * self.grid + 1, self.width),
-        )
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], 1)
-        x = x + resize_positional_embedding(pos, (gh, gw)).astype(x.dtype)
-        x = LayerNorm(name="ln_pre")(x)
+        x = self.ln_pre(self.embed(images))
+        b = x.shape[0]
 
         taps, hidden = {}, {}
         x_vv = None
-        for layer in range(1, self.layers + 1):
+        for layer, block in enumerate(self.resblocks, start=1):
             dual = 0 < self.dpam_start <= layer
-            x, x_vv = ResidualBlock(
-                self.width, self.heads, dtype=self.dtype, name=f"resblocks_{layer - 1}"
-            )(x, x_vv, dual=dual)
+            x, x_vv = block(x, x_vv, dual=dual)
             if layer in patch_layers:
                 taps[layer] = x_vv if dual else x
             if layer in hidden_layers:
                 hidden[layer] = (x_vv if dual and hidden_stream == "vv" else x).mean(axis=1)
 
-        ln_post = LayerNorm(name="ln_post")
-        proj = self.param(
-            "proj", nn.initializers.normal(self.width**-0.5), (self.width, self.output_dim)
-        ).astype(self.dtype)
         # ln_post runs on the CLS row in both modes so that the parameter tree never depends on it.
-        cls_ln = ln_post(x[:, 0])
-        global_feature = (cls_ln if self.global_mode == "clip" else x[:, 0]) @ proj
+        cls_ln = self.ln_post(x[:, 0])
+        global_feature = self._project(cls_ln if self.global_mode == "clip" else x[:, 0])
         if patch_layers:
-            patch_tokens = jnp.stack([ln_post(taps[layer]) @ proj for layer in patch_layers])
+            patch_tokens = jnp.stack([self._project(self.ln_post(taps[layer]))
+                                      for layer in patch_layers])
         else:
             patch_tokens = jnp.zeros((0, b, x.shape[1], self.output_dim), x.dtype)
         if hidden_layers:
@@ -170,3 +197,46 @@ class VisionTransformer(nn.Module):
         # Features leave the tower in float32: similarities, softmax and maps stay fp32 in bf16.
         return jax.tree.map(lambda f: f.astype(jnp.float32),
                             VisionFeatures(global_feature, patch_tokens, hidden_mean))
+
+    def _cls_embedding(self, tokens: jax.Array) -> jax.Array:
+        """(N, T, width) tokens before ln_pre -> (N, D) `ln_post(CLS out) @ proj` (vanilla)."""
+        x = self.ln_pre(tokens)
+        for block in self.resblocks:
+            x, _ = block(x)
+        return self._project(self.ln_post(x[:, 0]))
+
+    def window_features(
+        self, images: jax.Array, windows: Sequence[np.ndarray], patch_ln_post: bool = True
+    ) -> WindowFeatures:
+        """WinCLIP's embeddings of the whole image, of its patches and of windows of patches.
+
+        Args:
+          images: (B, H, W, 3) normalised.
+          windows: per scale an int array (n_windows, s*s) of 0-based patch indices (row-major
+            on the h x w grid). Each window is CLS + its patch tokens (taken after the positional
+            embedding) run through ln_pre, every block and ln_post as a sequence of its own; all
+            windows of a scale run as one batch of B * n_windows short sequences.
+          patch_ln_post: patch tokens after ln_post (open_clip >= 2.23) or raw.
+
+        Returns:
+          WindowFeatures: image (B, D) `ln_post(CLS) @ proj`; patches (B, h*w, width) from the
+          last block, not projected; windows (B, sum n_windows, D), scales concatenated.
+        """
+        tokens = self.embed(images)
+        x = self.ln_pre(tokens)
+        for block in self.resblocks:
+            x, _ = block(x)
+        image = self._project(self.ln_post(x[:, 0]))
+        patches = self.ln_post(x[:, 1:]) if patch_ln_post else x[:, 1:]
+        b, _, c = tokens.shape
+        per_scale = []
+        for idx in windows:
+            idx = np.asarray(idx)
+            n_win, size = idx.shape
+            cls = jnp.broadcast_to(tokens[:, None, :1], (b, n_win, 1, c))
+            seq = jnp.concatenate([cls, tokens[:, 1 + idx]], axis=2)
+            per_scale.append(self._cls_embedding(seq.reshape(b * n_win, 1 + size, c))
+                             .reshape(b, n_win, -1))
+        d = self.output_dim
+        window = jnp.concatenate(per_scale, axis=1) if per_scale else jnp.zeros((b, 0, d))
+        return jax.tree.map(lambda f: f.astype(jnp.float32), WindowFeatures(image, patches, window))

@@ -9,11 +9,16 @@ Every route converges on OpenAI's state-dict names (`visual.conv1.weight`, ...),
   * OpenAI: `ViT-L-14-336px.pt` (TorchScript archive or plain state dict, optionally wrapped as
     `{"state_dict": ...}`), or a name such as `ViT-L/14@336px` looked up in `$CLIP_CACHE`
     (default `~/.cache/clip`);
+  * open_clip: `open_clip_model.safetensors` / `open_clip_pytorch_model.bin` (OpenAI's names)
+    with the `open_clip_config.json` beside them (head widths, `quick_gelu`), a folder holding
+    them, or an open_clip name such as `ViT-B-16-plus-240` (its HF hub repo, through the cache);
   * a single `.safetensors`, `.msgpack`, `.pt`/`.pth`/`.bin` or `.npz` file of OpenAI- or
     HF-named tensors (`.npz`: optionally under a key prefix).
 
-The architecture is inferred from the tensors; only head counts need the checkpoint's config
-(OpenAI's convention is width // 64) and can be overridden.
+The architecture is inferred from the tensors; only head counts and the MLP activation need the
+checkpoint's config (OpenAI's convention: width // 64 and QuickGELU; open_clip files: exact GELU)
+and can be overridden. A checkpoint named as a known architecture (`architecture=`, or an
+open_clip config) is checked against it, every mismatched tensor listed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from genclip_jax.clip.model import CLIPConfig
+from genclip_jax.clip.model import ARCHITECTURES, CLIPConfig
+from genclip_jax.clip.transformer import ACTIVATIONS
 
 OPENAI_NAMES = {
     "ViT-B/32": "ViT-B-32.pt",
@@ -43,6 +49,12 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# open_clip's files on the HF hub (OpenAI's tensor names) and its model config.
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# open_clip names -> their HF hub repo (the pretrained tag WinCLIP uses).
+OPEN_CLIP_NAMES = {"ViT-B-16-plus-240": "timm/vit_base_patch16_plus_240.laion400m_e31"}
+ACTIVATION_CHOICES = ("auto", *ACTIVATIONS)  # auto: what the checkpoint's config says
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 # Tensors of OpenAI checkpoints that the model does not use.
 _IGNORED = {"input_resolution", "context_length", "vocab_size", "logit_scale"}
@@ -494,16 +506,81 @@ def read_tensors(path: str | os.PathLike, npz_prefix: str = "") -> dict[str, np.
 
 
 def read_hf_directory(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads the first weight file present (in `HF_WEIGHT_FILES` order) and `config.json`."""
+    """Reads the first weight file present (in `HF_WEIGHT_FILES` order, then open_clip's) and
+    `config.json` (open_clip's: {"open_clip": its config})."""
     directory = pathlib.Path(directory)
     for name in HF_WEIGHT_FILES:
         path = directory / name
         if path.exists():
             return read_tensors(path), _read_hf_config(directory)
+    for name in OPEN_CLIP_WEIGHT_FILES:
+        path = directory / name
+        if path.exists():
+            return read_tensors(path), {"open_clip": _read_open_clip_config(path)}
     raise FileNotFoundError(
-        f"{directory}: no CLIP weights found; expected one of {list(HF_WEIGHT_FILES)} there "
-        "(with config.json)"
+        f"{directory}: no CLIP weights found; expected one of "
+        f"{list(HF_WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES)} there (with config.json or "
+        f"{OPEN_CLIP_CONFIG})"
     )
+
+
+def _read_open_clip_config(weights_path: pathlib.Path) -> dict:
+    """The `model_cfg` of the open_clip_config.json beside a weight file ({} if none)."""
+    path = pathlib.Path(weights_path).parent / OPEN_CLIP_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("model_cfg") or {})
+    except (json.JSONDecodeError, AttributeError, TypeError) as err:
+        raise ValueError(f"{path}: expected JSON with a 'model_cfg' object ({err})") from None
+
+
+def _open_clip_stated(model_cfg: dict) -> tuple[dict, CLIPConfig | None]:
+    """(CLIPConfig fields an open_clip config states, the architecture it describes or None).
+
+    open_clip's defaults apply to what it leaves out: exact GELU unless `quick_gelu`, 64-wide
+    vision heads, 8 text heads, context 77, vocabulary 49408. A lone open_clip weight file (no
+    config) gets open_clip's exact GELU.
+    """
+    if not model_cfg:
+        return {"activation": "gelu"}, None
+    activation = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    try:
+        vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+        vision_width, text_width = int(vision["width"]), int(text["width"])
+        stated = {
+            "vision_heads": vision_width // int(vision.get("head_width", 64)),
+            "text_heads": int(text.get("heads", 8)),
+            "activation": activation,
+        }
+        arch = CLIPConfig(
+            embed_dim=int(model_cfg["embed_dim"]), image_resolution=int(vision["image_size"]),
+            vision_layers=int(vision["layers"]), vision_width=vision_width,
+            vision_patch_size=int(vision["patch_size"]),
+            context_length=int(text.get("context_length", 77)),
+            vocab_size=int(text.get("vocab_size", 49408)), text_width=text_width,
+            text_layers=int(text["layers"]), **stated,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{OPEN_CLIP_CONFIG}: model_cfg lacks or mistypes {err} (expected "
+                         "embed_dim, vision_cfg.{image_size,layers,width,patch_size}, "
+                         "text_cfg.{width,layers})") from None
+    return stated, arch
+
+
+def check_architecture(sd: StateDict, expected: CLIPConfig, name: str) -> None:
+    """Raises a ValueError listing every tensor of `sd` that a `name` checkpoint would not
+    have, lack, or have in another shape."""
+    shapes = openai_shapes(expected)
+    problems = [f"{k}: {name} has {shapes[k]}, the checkpoint {tuple(np.shape(sd[k]))}"
+                for k in sorted(set(shapes) & set(sd)) if tuple(np.shape(sd[k])) != shapes[k]]
+    problems += [f"missing {k}" for k in sorted(set(shapes) - set(sd))]
+    problems += [f"unexpected {k}" for k in sorted(set(sd) - set(shapes) - _IGNORED)]
+    if problems:
+        raise ValueError(
+            f"checkpoint is not a {name} ({_describe(expected)}); mismatched tensors "
+            f"({len(problems)}): {_listing(problems)}"
+        )
 
 
 def _read_hf_config(directory: pathlib.Path) -> dict:
@@ -535,21 +612,27 @@ def _hf_heads(hf_config: dict) -> dict[str, int]:
     return heads
 
 
-def _hub_error(model_id: str, reason: str) -> FileNotFoundError:
+def _hub_error(
+    model_id: str, reason: str, config_name: str = "config.json",
+    weight_files: tuple[str, ...] = HF_WEIGHT_FILES,
+) -> FileNotFoundError:
     from huggingface_hub import constants
 
     org_name = model_id.replace("/", "--")
     return FileNotFoundError(
         f"{model_id!r} is not a local file or directory, and its Hugging Face weights are not in "
         f"the HF cache {constants.HF_HUB_CACHE} ({reason}). Put them there: on a machine with "
-        f"network run `hf download {model_id} config.json model.safetensors` and copy the folder "
-        f"models--{org_name} into that cache (set HF_HOME or HF_HUB_CACHE to use another one), "
-        f"or pass a local directory holding config.json and one of {list(HF_WEIGHT_FILES)}."
+        f"network run `hf download {model_id} {config_name} {weight_files[0]}` and copy the "
+        f"folder models--{org_name} into that cache (set HF_HOME or HF_HUB_CACHE to use another "
+        f"one), or pass a local directory holding {config_name} and one of {list(weight_files)}."
     )
 
 
-def _download_hf(model_id: str) -> pathlib.Path:
-    """The snapshot folder of a hub repo holding config.json and one weight file.
+def _download_hf(
+    model_id: str, weight_files: tuple[str, ...] = HF_WEIGHT_FILES,
+    config_name: str = "config.json",
+) -> pathlib.Path:
+    """The snapshot folder of a hub repo holding `config_name` and one of `weight_files`.
 
     Looks in the HF cache first (no network); then, unless HF_HUB_OFFLINE is set, downloads
     config.json and the first weight file the repo has. Fails at the first network error rather
@@ -565,37 +648,40 @@ def _download_hf(model_id: str) -> pathlib.Path:
     def fetch(name: str, local_only: bool) -> pathlib.Path:
         return pathlib.Path(hf_hub_download(model_id, name, local_files_only=local_only))
 
+    def fail(reason: str) -> FileNotFoundError:
+        return _hub_error(model_id, reason, config_name, weight_files)
+
     def with_shards(path: pathlib.Path, local_only: bool) -> pathlib.Path:
         if path.name.endswith(".index.json"):
             for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
                 fetch(shard, local_only)
         return path.parent
 
-    for name in HF_WEIGHT_FILES:
+    for name in weight_files:
         try:
             path = fetch(name, True)
-            fetch("config.json", True)
+            fetch(config_name, True)
             return with_shards(path, True)
         except Exception:  # not (fully) cached: try the next file, then the hub
             continue
     if constants.HF_HUB_OFFLINE:
-        raise _hub_error(model_id, "HF_HUB_OFFLINE is set, so the hub is not asked")
+        raise fail("HF_HUB_OFFLINE is set, so the hub is not asked")
     unreachable = _unresolvable_endpoint(constants.ENDPOINT)
     if unreachable:
-        raise _hub_error(model_id, unreachable)
+        raise fail(unreachable)
     try:
-        fetch("config.json", False)
+        fetch(config_name, False)
     except Exception as err:  # unreachable hub, unknown or gated repo
-        raise _hub_error(model_id, f"the hub said {type(err).__name__}: {err}") from None
-    for name in HF_WEIGHT_FILES:
+        raise fail(f"the hub said {type(err).__name__}: {err}") from None
+    for name in weight_files:
         try:
             return with_shards(fetch(name, False), False)
         except EntryNotFoundError as err:
             if isinstance(err, LocalEntryNotFoundError):
-                raise _hub_error(model_id, f"download failed: {err}") from None
+                raise fail(f"download failed: {err}") from None
         except Exception as err:  # anything else: stop, do not retry other files
-            raise _hub_error(model_id, f"download failed: {type(err).__name__}: {err}") from None
-    raise _hub_error(model_id, f"the repo has none of {list(HF_WEIGHT_FILES)}")
+            raise fail(f"download failed: {type(err).__name__}: {err}") from None
+    raise fail(f"the repo has none of {list(weight_files)}")
 
 
 def _unresolvable_endpoint(endpoint: str) -> str:
@@ -627,7 +713,9 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 def read_state_dict(source: str, npz_prefix: str = "") -> tuple[dict[str, np.ndarray], dict]:
-    """Returns OpenAI-named tensors and any head counts the source's config states."""
+    """Returns OpenAI-named tensors and what the source's config states: CLIPConfig fields
+    (head counts, activation) and, under "architecture", the CLIPConfig an open_clip config
+    describes."""
     source = os.fspath(source)
     path = pathlib.Path(source).expanduser()
     if source in OPENAI_NAMES:
@@ -639,18 +727,28 @@ def read_state_dict(source: str, npz_prefix: str = "") -> tuple[dict[str, np.nda
                 "(or set CLIP_CACHE to the folder holding it), or use a Hugging Face id such as "
                 "'openai/clip-vit-large-patch14-336'"
             )
+    if source in OPEN_CLIP_NAMES and not path.exists():
+        path = _download_hf(OPEN_CLIP_NAMES[source], OPEN_CLIP_WEIGHT_FILES, OPEN_CLIP_CONFIG)
     if path.is_dir():
         tensors, hf_config = read_hf_directory(path)
     elif path.is_file():
         tensors = read_tensors(path, npz_prefix)
-        hf_config = _read_hf_config(path.parent) if is_hf_named(tensors) else {}
+        if is_hf_named(tensors):
+            hf_config = _read_hf_config(path.parent)
+        else:
+            model_cfg = _read_open_clip_config(path)
+            open_clip = model_cfg or path.name in OPEN_CLIP_WEIGHT_FILES
+            hf_config = {"open_clip": model_cfg} if open_clip else {}
     elif _looks_like_hub_id(source):
         tensors, hf_config = read_hf_directory(_download_hf(source))
     else:
         raise FileNotFoundError(f"{source}: no such checkpoint file or directory")
     if is_hf_named(tensors):
         return openai_from_hf(tensors), _hf_heads(hf_config)
-    return tensors, {}
+    if "open_clip" not in hf_config:
+        return tensors, {}
+    stated, arch = _open_clip_stated(hf_config["open_clip"])
+    return tensors, {**stated, **({"architecture": arch} if arch else {})}
 
 
 def load(
@@ -659,23 +757,46 @@ def load(
     vision_heads: int = 0,
     text_heads: int = 0,
     npz_prefix: str = "",
+    activation: str = "auto",
+    architecture: str = "",
     **switches,
 ) -> tuple[CLIPConfig, dict]:
     """Loads any supported CLIP checkpoint: returns (architecture, Flax params).
 
     Args:
-      source: HF model id or directory, OpenAI `.pt` or name (`ViT-L/14@336px`), or a single
+      source: HF model id or directory, OpenAI `.pt` or name (`ViT-L/14@336px`), open_clip
+        weights (file, folder, or a name of `OPEN_CLIP_NAMES`), or a single
         `.safetensors`/`.msgpack`/`.pt`/`.pth`/`.bin`/`.npz` file.
       vision_heads, text_heads: head counts (0: from the checkpoint's config, else width // 64).
       npz_prefix: key prefix of the arrays inside a `.npz` (e.g. "sd.").
+      activation: "quick_gelu", "gelu", or "auto" (the checkpoint's config; open_clip files
+        without one: exact GELU; else QuickGELU, or that of `architecture`).
+      architecture: "" or a name of `ARCHITECTURES` the checkpoint must be (every mismatched
+        tensor listed otherwise); it also supplies head counts and activation.
       **switches: run-time CLIPConfig fields (dpam_start, global_mode, compute_dtype).
 
     Raises:
       FileNotFoundError: no such file, or weights neither local nor in the HF cache while offline.
-      ValueError: unknown file type, or tensors that do not form a CLIP (all problems listed).
+      ValueError: unknown file type, tensors that do not form a CLIP, or a checkpoint that is
+        not the named architecture (all problems listed).
     """
-    sd, heads = read_state_dict(source, npz_prefix)
-    heads = {**heads, **{k: v for k, v in
-                         (("vision_heads", vision_heads), ("text_heads", text_heads)) if v}}
-    config = config_from_openai(sd, **heads, **switches)
+    if activation not in ACTIVATION_CHOICES:
+        raise ValueError(f"activation: expected one of {ACTIVATION_CHOICES}, got {activation!r}")
+    if architecture and architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture: expected '' or one of {sorted(ARCHITECTURES)}, got "
+                         f"{architecture!r}")
+    sd, stated = read_state_dict(source, npz_prefix)
+    expected = stated.pop("architecture", None)
+    named = ARCHITECTURES.get(architecture)
+    if named is not None:
+        check_architecture(sd, named, architecture)
+        stated = {"vision_heads": named.vision_heads, "text_heads": named.text_heads,
+                  "activation": named.activation, **stated}
+    elif expected is not None:
+        check_architecture(sd, expected, f"model of {pathlib.Path(source).name}'s "
+                                          f"{OPEN_CLIP_CONFIG}")
+    given = {"vision_heads": vision_heads, "text_heads": text_heads,
+             "activation": "" if activation == "auto" else activation}
+    stated.update({k: v for k, v in given.items() if v})
+    config = config_from_openai(sd, **stated, **switches)
     return config, params_from_openai(sd, config)
