@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genclip_jax.prompts import winclip as winclip_prompts
+
 MVTEC_CLASSES = (
     "carpet", "bottle", "hazelnut", "leather", "cable", "capsule", "grid", "pill", "transistor",
     "metal_nut", "screw", "toothbrush", "zipper", "tile", "wood",
@@ -103,6 +105,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.genclip.cnf.margin = 0.0
     c.genclip.cnf.template = "a photo of a {}."
     c.genclip.cnf.generic_word = "object"
+
+    # WinCLIP (nothing to train): compositional prompt ensemble and sliding windows (winclip
+    # spec). Defaults reproduce anomalib's implementation.
+    c.winclip = ml_collections.ConfigDict()
+    c.winclip.scales = (2, 3)  # window sides in patches, stride 1
+    c.winclip.patch_ln_post = True  # few-shot patch tokens after ln_post (False: raw, zqhang)
+    c.winclip.templates = list(winclip_prompts.TEMPLATES)  # 21, one repeated (the reference's)
+    c.winclip.normal_states = list(winclip_prompts.NORMAL_STATES)
+    c.winclip.anomalous_states = list(winclip_prompts.ANOMALOUS_STATES)
+    c.winclip.temperature = 0.07
+    c.winclip.generic_word = "object"  # the class word when the class is unknown
+
+    # Few-shot references (WinCLIP+): k normal images per class from `reference`, a dataset
+    # root with meta.json (the good images of `split`) or a folder of class folders.
+    c.fewshot = ml_collections.ConfigDict()
+    c.fewshot.k = 0  # 0: zero-shot
+    c.fewshot.reference = ""
+    c.fewshot.split = "train"
 
     # Data: meta.json datasets (AnomalyCLIP/AdaCLIP format).
     c.data = ml_collections.ConfigDict()

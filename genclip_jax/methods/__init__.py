@@ -18,6 +18,7 @@ from genclip_jax.clip.model import CLIPConfig
 from genclip_jax.clip.vision import VisionFeatures
 from genclip_jax.methods.anomalyclip import AnomalyCLIP
 from genclip_jax.methods.genclip import GenCLIP
+from genclip_jax.methods.winclip import WinCLIP
 
 PyTree = Any
 
@@ -77,7 +78,16 @@ class Method(Protocol):
 
 
 MethodFactory = Callable[[ml_collections.ConfigDict, CLIPConfig], Method]
-METHODS: dict[str, MethodFactory] = {"anomalyclip": AnomalyCLIP, "genclip": GenCLIP}
+METHODS: dict[str, MethodFactory] = {
+    "anomalyclip": AnomalyCLIP, "genclip": GenCLIP, "winclip": WinCLIP,
+}
+
+
+def needs_training(name: str) -> bool:
+    """Whether the registered method `name` learns params. A method class with nothing to
+    learn says so with a class attribute `needs_training = False` (WinCLIP): `train` refuses it,
+    and `eval` / `predict` run it without a checkpoint."""
+    return bool(getattr(METHODS[name], "needs_training", True))
 
 
 def register(name: str, factory: MethodFactory) -> None:
