@@ -1,11 +1,12 @@
 """Tiny random backbone on the synthetic dataset: the offline demo and the CI runs.
 
-  get_config("anomalyclip") (default) or get_config("genclip").
+  get_config("anomalyclip") (default), get_config("genclip") or get_config("winclip") (nothing
+  to train: the demo only evaluates).
 """
 
 from genclip_jax import config_overrides, defaults
 
-ARGS = ("anomalyclip", "genclip")
+ARGS = ("anomalyclip", "genclip", "winclip")
 
 
 def get_config(arg: str = "anomalyclip"):

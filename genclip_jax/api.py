@@ -35,7 +35,7 @@ from genclip_jax import (
     run_dir,
     validate,
 )
-from genclip_jax.clip.vision import BATCH_AXES, VisionFeatures
+from genclip_jax.clip.vision import VisionFeatures, batch_axes
 from genclip_jax.data import pipeline
 from genclip_jax.methods import Method
 
@@ -153,8 +153,9 @@ class Model:
         for batch, n in self._batches(pixels, None):
             feats = jax.device_get(self._encode(self._inference.clip_params, batch["image"]))
             parts.append(jax.tree.map(lambda axis, x, n=n: np.take(x, np.arange(n), axis),
-                                      BATCH_AXES, feats))
-        return jax.tree.map(lambda axis, *xs: np.concatenate(xs, axis), BATCH_AXES, *parts)
+                                      batch_axes(feats), feats))
+        return jax.tree.map(lambda axis, *xs: np.concatenate(xs, axis), batch_axes(parts[0]),
+                            *parts)
 
     def text_features(self, class_name: str | None = None) -> np.ndarray:
         """(2, D) [normal, abnormal] text features of the learned prompts (for `class_name`

@@ -184,6 +184,8 @@ def tiny_config(method: str = "anomalyclip") -> ml_collections.ConfigDict:
     `data.train_root` / `data.test_root` are left empty: the demo writes a synthetic dataset
     and points both at it.
     """
+    if method == "winclip":
+        return tiny_winclip_config()
     c = base_config()
     c.method = method
     c.model.clip = "random"
@@ -199,4 +201,35 @@ def tiny_config(method: str = "anomalyclip") -> ml_collections.ConfigDict:
     c.train.log_every_steps = 1
     c.eval.batch_size = 8
     c.eval.heatmaps_per_class = 2
+    return c
+
+
+def winclip_config(dataset: str = "mvtec") -> ml_collections.ConfigDict:
+    """WinCLIP on `data/<dataset>`: open_clip ViT-B-16-plus-240 (exact GELU) at 240, no DPAM."""
+    c = base_config()
+    c.method = "winclip"
+    c.model.clip = "ViT-B-16-plus-240"  # open_clip name: its HF hub repo, through the cache
+    c.model.architecture = "ViT-B-16-plus-240"
+    c.model.image_size = 240
+    c.model.dpam_start = 0
+    c.data.test_root = f"data/{dataset}"
+    c.fewshot.reference = f"data/{dataset}"
+    return c
+
+
+def tiny_winclip_config() -> ml_collections.ConfigDict:
+    """WinCLIP on a tiny random backbone of ViT-B-16-plus-240's structure (patch 16, exact
+    GELU, 12 layers) at 112 px (a 7x7 patch grid): the demo and CI."""
+    c = winclip_config()
+    c.model.clip = "random"
+    c.model.architecture = ""
+    c.model.activation = "gelu"
+    c.model.random_arch = tiny_backbone()
+    c.model.random_arch.update(vision_patch_size=16, image_resolution=112, vision_layers=12)
+    c.model.image_size = 112
+    c.data.test_root = ""
+    c.fewshot.reference = ""
+    c.eval.batch_size = 8
+    c.eval.heatmaps_per_class = 2
+    c.train.progress = True
     return c

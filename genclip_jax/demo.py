@@ -6,15 +6,17 @@ import pathlib
 
 import ml_collections
 
-from genclip_jax import train
+from genclip_jax import evaluate, train
 from genclip_jax.data import synthetic
+from genclip_jax.methods import needs_training
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Writes the synthetic dataset under `workdir/data` (once) and trains/evaluates on it.
 
     Both roots point at the same synthetic set unless the config names others: the demo shows
-    the machinery working, not zero-shot transfer.
+    the machinery working, not zero-shot transfer. A method with nothing to train (WinCLIP) is
+    only evaluated.
     """
     data_root = pathlib.Path(workdir) / "data"
     if not (data_root / "meta.json").exists():
@@ -22,4 +24,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = config.copy_and_resolve_references()
     config.data.train_root = config.data.train_root or str(data_root)
     config.data.test_root = config.data.test_root or str(data_root)
+    if not needs_training(config.method):
+        return evaluate.evaluate(config, workdir)
     return train.train_and_evaluate(config, workdir)

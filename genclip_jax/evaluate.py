@@ -26,7 +26,7 @@ from genclip_jax.backbone import load_backbone
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline
 from genclip_jax.files import write_atomic
-from genclip_jax.methods import create_method
+from genclip_jax.methods import create_method, needs_training
 
 
 def load_trained_params(
@@ -93,14 +93,20 @@ def load_model(
         config.model, check=lambda clip: validate.check_backbone(config, clip)
     )
     method = create_method(config, clip_config)
-    if params is None:
+    if params is None and not needs_training(config.method):
+        params, source = {}, f"no params: {config.method} needs no training"
+    elif params is None:
         params, source = load_trained_params(config, workdir, method, mesh, unpinned)
     else:
         params, source = parallel.replicate(jax.device_get(params), mesh), "given params"
+    clip_params = parallel.replicate(clip_params, mesh)
+    # Binds the backbone before any class is known: a method that caches per-class features
+    # (WinCLIP's text) computes them on first use from here on.
+    method.prepare_eval(clip_params, [], lambda name: None)
     return Model(
         method=method,
         params=params,
-        clip_params=parallel.replicate(clip_params, mesh),
+        clip_params=clip_params,
         mesh=mesh,
         predict=make_predict_fn(method),
         source=source,
@@ -328,8 +334,8 @@ def evaluate(
     """
     validate.validate(config, "eval")
     target = prepare_target(config, workdir, out)
-    if params is None and not config.eval.params:  # before the backbone is loaded
-        run_dir.RunDir(workdir).check_readable(config)
+    if params is None and not config.eval.params and needs_training(config.method):
+        run_dir.RunDir(workdir).check_readable(config)  # before the backbone is loaded
     model = load_model(config, workdir, params)
     decisions = adapt_to_classes(config, model, target.dataset, target.entries)
     results = predict_dataset(config, model, target.dataset)

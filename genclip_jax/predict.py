@@ -19,6 +19,7 @@ import numpy as np
 from genclip_jax import evaluate, files, heatmaps, parallel, run_dir, validate
 from genclip_jax.data import pipeline
 from genclip_jax.files import write_atomic
+from genclip_jax.methods import needs_training
 
 _pixel_max = jax.jit(lambda maps: maps.max(axis=(1, 2)))
 
@@ -71,7 +72,7 @@ def predict_folder(
     parallel.initialize(config.parallel)  # before the first question to JAX
     if jax.process_index() == 0:
         files.check_writable(out.parent, flag)
-    if not config.eval.params:  # before the backbone is loaded
+    if not config.eval.params and needs_training(config.method):  # before the backbone loads
         run_dir.RunDir(workdir).check_readable(config)
     entries, skipped = pipeline.scan_image_folder(images)
     names = [e["img_path"] for e in entries]

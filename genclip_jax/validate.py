@@ -29,7 +29,7 @@ from genclip_jax.clip.weights import ACTIVATION_CHOICES
 from genclip_jax.data.anomaly_synthesis import KINDS
 from genclip_jax.data.meta import SPLITS
 from genclip_jax.data.pipeline import MISSING_MASK_RULES
-from genclip_jax.methods import METHODS
+from genclip_jax.methods import METHODS, needs_training
 from genclip_jax.methods.genclip import IMAGE_SCORES, IMAGE_TEXT_LAYERS
 from genclip_jax.prompts import cnf
 from genclip_jax.prompts.genclip import MVP_INITS, MVP_TARGETS
@@ -52,6 +52,7 @@ CHOICES: dict[str, Sequence[str]] = {
     "data.train_split": SPLITS,
     "data.test_split": SPLITS,
     "data.missing_mask": MISSING_MASK_RULES,
+    "fewshot.split": SPLITS,
 }
 # Fields whose every element comes from a fixed set (no repeats, at least one).
 LIST_CHOICES: dict[str, Sequence[str]] = {
@@ -65,11 +66,11 @@ POSITIVE_INTS = (
 NON_NEGATIVE_INTS = (
     "model.dpam_start", "model.vision_heads", "model.text_heads", "prompts.deep_depth",
     "prompts.deep_length", "genclip.deep_depth", "genclip.deep_length", "data.prefetch",
-    "eval.heatmaps_per_class", "parallel.num_devices",
+    "eval.heatmaps_per_class", "parallel.num_devices", "fewshot.k",
 )
 POSITIVE_FLOATS = (
     "train.lr", "train.eps", "anomalyclip.temperature", "genclip.temperature",
-    "anomalyclip.sigma", "genclip.sigma",
+    "anomalyclip.sigma", "genclip.sigma", "winclip.temperature",
 )
 NON_NEGATIVE_FLOATS = (
     "prompts.init_std", "genclip.init_std", "anomalyclip.local_loss_weight",
@@ -84,6 +85,8 @@ TEMPLATES = (
     "prompts.normal_state", "prompts.abnormal_state", "genclip.normal_state",
     "genclip.abnormal_state", "genclip.cnf.template",
 )
+TEMPLATE_LISTS = ("winclip.templates", "winclip.normal_states", "winclip.anomalous_states")
+FEWSHOT_METHODS = ("winclip",)  # the methods with a few-shot path (`fewshot.k` > 0)
 COMMANDS = ("train", "eval", "predict", "ablate")
 # Names a class may not have: the tables' mean row, and what would escape a heatmap folder.
 RESERVED_CLASS_NAMES = (metrics.MEAN_ROW,)
@@ -163,11 +166,42 @@ def _list_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _template_errors(config: ml_collections.ConfigDict) -> list[str]:
-    return [
+    errors = [
         f"{field}: expected a template with one '{{}}' for the class word, got {value!r}"
         for field in TEMPLATES
         if (value := get_field(config, field)).count("{}") != 1
     ]
+    for field in TEMPLATE_LISTS:
+        values = list(get_field(config, field))
+        if not values:
+            errors.append(f"{field}: expected at least one template, got none")
+        errors += [f"{field}[{i}]: expected a template with one '{{}}', got {v!r}"
+                   for i, v in enumerate(values) if not isinstance(v, str) or v.count("{}") != 1]
+    return errors
+
+
+def _winclip_errors(config: ml_collections.ConfigDict, command: str) -> list[str]:
+    """WinCLIP's scales, a training-free method asked to train, and the few-shot references."""
+    errors = []
+    scales = list(config.winclip.scales)
+    if not scales or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                             for s in scales) or len(set(scales)) != len(scales):
+        errors.append(f"winclip.scales: expected distinct window sides in patches (integers "
+                      f">= 1), got {scales!r}")
+    if command in ("train", "ablate") and config.method in METHODS and not needs_training(
+            config.method):
+        errors.append(f"method: {config.method!r} needs no training (it learns nothing): run "
+                      "`genclip-jax eval` or `predict` with this config directly")
+    if config.fewshot.k and config.method not in FEWSHOT_METHODS:
+        errors.append(f"fewshot.k: method {config.method!r} has no few-shot path (methods with "
+                      f"one: {list(FEWSHOT_METHODS)}); set fewshot.k=0")
+    elif config.fewshot.k and command in ("eval", "predict"):
+        ref = pathlib.Path(config.fewshot.reference or "")
+        if not config.fewshot.reference or not ref.is_dir():
+            errors.append(f"fewshot.reference: fewshot.k={config.fewshot.k} needs a folder of "
+                          "normal reference images: a dataset root with meta.json or a folder "
+                          f"of class folders, got {config.fewshot.reference!r}")
+    return errors
 
 
 def _path_errors(config: ml_collections.ConfigDict, command: str) -> list[str]:
@@ -204,6 +238,7 @@ def validate(config: ml_collections.ConfigDict, command: str) -> None:
     errors += _number_errors(config)
     errors += _list_errors(config)
     errors += _template_errors(config)
+    errors += _winclip_errors(config, command)
     if config.method == "anomalyclip" and config.prompts.deep_depth > 1 and (
         config.prompts.deep_length < 1
     ):
@@ -229,6 +264,12 @@ def check_backbone(config: ml_collections.ConfigDict, clip: CLIPConfig) -> None:
         if beyond:
             errors.append(f"{layers_field}: layers {beyond} are beyond the "
                           f"{clip.vision_layers} vision layers of {source}")
+    if config.method == "winclip" and not errors:
+        grid = size // patch
+        too_big = [s for s in config.winclip.scales if s > grid]
+        if too_big:
+            errors.append(f"winclip.scales: windows of {too_big} patches do not fit the "
+                          f"{grid}x{grid} patch grid of model.image_size={size} with {source}")
     if config.model.dpam_start > clip.vision_layers:
         errors.append(f"model.dpam_start: expected 0 (off) or 1..{clip.vision_layers} for "
                       f"{source}, got {config.model.dpam_start}")

@@ -47,6 +47,12 @@ class VisionFeatures:
 BATCH_AXES = VisionFeatures(global_feature=0, patch_tokens=1, hidden_mean=1)
 
 
+def batch_axes(feats: Any) -> Any:
+    """The batch axis of every leaf of a method's features: `BATCH_AXES` for VisionFeatures,
+    the leading axis of anything else (`WindowFeatures`)."""
+    return BATCH_AXES if isinstance(feats, VisionFeatures) else jax.tree.map(lambda _: 0, feats)
+
+
 @flax.struct.dataclass
 class WindowFeatures:
     """WinCLIP's frozen features (`VisionTransformer.window_features`).

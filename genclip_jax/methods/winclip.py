@@ -146,7 +146,8 @@ class WinCLIP:
     """
 
     name = "winclip"
-    needs_class_name = True  # the ensemble names the class (or the generic word)
+    # The ensemble names the class; without one it names `winclip.generic_word`.
+    needs_class_name = False
     needs_training = False
 
     def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
