@@ -1,4 +1,4 @@
-"""genclip_jax: CLIP-based zero-shot anomaly detection (AnomalyCLIP, GenCLIP) in JAX/Flax.
+"""genclip_jax: CLIP-based zero-shot anomaly detection (AnomalyCLIP, GenCLIP, WinCLIP) in JAX/Flax.
 
 The public API is `__all__` below (its signatures are pinned by tests/test_public_api.py: a
 change needs a new `__version__`); everything else is internal. Names load on first use, so
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # Public name -> "module:attribute" ("module" alone: the module itself).
 _PUBLIC = {

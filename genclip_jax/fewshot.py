@@ -88,9 +88,11 @@ def association(queries: jax.Array, memory: jax.Array) -> jax.Array:
       memory: (B, M, D) reference embeddings per image (M = k * rows per reference).
 
     Returns:
-      (B, N) values in [0, 1]; 0 where a query equals a reference row up to scale.
+      (B, N) values in [0, 1]; ~0 where a query equals a reference row up to scale.
     """
     q = queries / jnp.linalg.norm(queries, axis=-1, keepdims=True)
     m = memory / jnp.linalg.norm(memory, axis=-1, keepdims=True)
     cos = jnp.einsum("bnd,bmd->bnm", q, m, precision=_HIGHEST)
-    return ((1.0 - cos) / 2.0).min(axis=-1)
+    # Clipped: rounding puts the cosine of a query with itself a hair above 1, and a negative
+    # distance would make harmonic means of distances (WinCLIP+) blow up instead of reach 0.
+    return ((1.0 - jnp.clip(cos, -1.0, 1.0)) / 2.0).min(axis=-1)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from genclip_jax import config_overrides, defaults
+from genclip_jax import config_overrides, defaults, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = "--config.genclip.layers"
@@ -82,12 +82,14 @@ def _get_config(name: str):
 @pytest.mark.parametrize(
     ("name", "typo", "message"),
     [
-        ("tiny", "genclp", "configs/tiny.py: arg must be one of ['anomalyclip', 'genclip'], "
-                           "got 'genclp' (did you mean 'genclip'?)"),
+        ("tiny", "genclp", "configs/tiny.py: arg must be one of ['anomalyclip', 'genclip', "
+                           "'winclip'], got 'genclp' (did you mean 'genclip'?)"),
         ("anomalyclip", "Visa", "configs/anomalyclip.py: arg must be one of ['visa', 'mvtec'], "
                                 "got 'Visa' (did you mean 'visa'?)"),
         ("genclip", "mvtech", "configs/genclip.py: arg must be one of ['mvtec', 'visa'], "
                               "got 'mvtech' (did you mean 'mvtec'?)"),
+        ("winclip", "vsia", "configs/winclip.py: arg must be one of ['mvtec', 'visa'], "
+                            "got 'vsia' (did you mean 'visa'?)"),
     ],
 )
 def test_config_files_reject_a_typo(name, typo, message):
@@ -109,6 +111,15 @@ def test_config_files_accept_their_args():
     )
     assert _get_config("genclip")("visa").data.train_root == "data/visa"
     assert _get_config("anomalyclip")("mvtec").data.train_root == "data/mvtec"
+    tiny = _get_config("tiny")("winclip")
+    assert (tiny.method, tiny.model.clip, tiny.model.activation, tiny.model.image_size) == (
+        "winclip", "random", "gelu", 112)
+    for dataset in ("mvtec", "visa"):
+        wc = _get_config("winclip")(dataset)
+        assert (wc.method, wc.model.clip, wc.model.architecture, wc.model.image_size,
+                wc.data.test_root, wc.fewshot.k) == (
+            "winclip", "ViT-B-16-plus-240", "ViT-B-16-plus-240", 240, f"data/{dataset}", 0)
+        validate.validate(wc, "predict")
 
 
 def test_apply_overrides_parses_values_by_field_type():

@@ -85,8 +85,8 @@ def test_all_problems_are_listed_at_once(data_root):
     with pytest.raises(ValueError) as info:
         validate.validate(config, "eval")
     lines = str(info.value).splitlines()
-    assert lines[1] == ("  method: expected one of ['anomalyclip', 'genclip'], got 'genclp' "
-                        "(did you mean 'genclip'?)")
+    assert lines[1] == ("  method: expected one of ['anomalyclip', 'genclip', 'winclip'], got "
+                        "'genclp' (did you mean 'genclip'?)")
     assert lines[2] == ("  eval.aupro_mode: expected one of ['reference', 'exact'], got 'exakt' "
                         "(did you mean 'exact'?)")
 

@@ -204,3 +204,9 @@ def test_harmonic_map_of_a_zero_score_is_zero_and_uncovered_patches_are_zero():
     assert got[1, 1] == 0.0
     assert np.asarray(wc.harmonic_map(jnp.ones((1, 1)), wc.window_indices(3, 3)[:1] * 0, 3)
                       )[0, 2, 2] == 0.0
+
+
+def test_association_of_a_query_with_itself_is_not_negative():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 50, 64)) * 7.0
+    got = np.asarray(wc.fewshot.association(x, x))
+    assert got.min() >= 0.0 and got.max() < 1e-6

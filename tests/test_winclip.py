@@ -1,0 +1,164 @@
+"""WinCLIP as a method: nothing to train, batch-size independent evaluation (zero- and few-shot),
+text embeddings cached per class, few-shot references from a meta.json root or class folders,
+and the errors of bad input (training it, a class name too long, too few references)."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import IMAGE_SIZE
+
+import genclip_jax
+from genclip_jax import defaults, evaluate, fewshot, validate
+from genclip_jax.clip.model import CLIPConfig
+from genclip_jax.data import meta as meta_lib
+from genclip_jax.data import pipeline, synthetic
+from genclip_jax.methods import create_method
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Two classes, 3 good train images each (the references), 5 test images each."""
+    root = tmp_path_factory.mktemp("winclip_data")
+    synthetic.write_synthetic_dataset(root, image_size=IMAGE_SIZE, classes=("disc", "checker"),
+                                      n_train_good=3, n_test_good=1, n_test_defect_per_type=1)
+    return root
+
+
+def winclip_config(data_root, **fields):
+    config = defaults.tiny_config("winclip")
+    config.data.test_root = str(data_root)
+    config.fewshot.reference = str(data_root)
+    config.train.progress = False
+    for name, value in fields.items():
+        section, key = name.split("__")
+        config[section][key] = value
+    return config
+
+
+def test_nothing_to_train_and_train_is_refused(data_root):
+    config = winclip_config(data_root)
+    method = create_method(config, CLIPConfig(**config.model.random_arch.to_dict()))
+    assert method.init(jax.random.PRNGKey(0)) == {}
+    config.data.train_root = str(data_root)
+    with pytest.raises(ValueError, match=r"'winclip' needs no training"):
+        validate.validate(config, "train")
+    with pytest.raises(ValueError, match=r"needs no training"):
+        method.loss({}, None, None, {})
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_batch_1_on_one_device_equals_batch_8_on_eight(data_root, k):
+    config = winclip_config(data_root, fewshot__k=k)
+    entries = meta_lib.split_entries(meta_lib.read_meta(data_root / "meta.json"), "test")
+    dataset = pipeline.Dataset.from_entries(data_root, entries)
+    results = []
+    for batch_size, devices in ((8, 0), (1, 1)):
+        config.eval.batch_size, config.parallel.num_devices = batch_size, devices
+        model = evaluate.load_model(config, "")
+        assert model.source == "no params: winclip needs no training"
+        evaluate.adapt_to_classes(config, model, dataset, entries)
+        results.append(evaluate.predict_dataset(config, model, dataset))
+    batched, single = results
+    np.testing.assert_allclose(single["anomaly_map"], batched["anomaly_map"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(single["image_score"], batched["image_score"], rtol=0, atol=1e-6)
+    assert batched["anomaly_map"].shape == (len(entries), IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_text_is_computed_once_per_class_and_the_class_name_counts(data_root):
+    config = winclip_config(data_root)
+    model = evaluate.load_model(config, "")
+    method = model.method
+    calls = []
+    encode = method._text_fn
+    method._text_fn = lambda *args: calls.append(args[2]) or encode(*args)
+    batch = {"cls_name": np.array(["disc", "checker", "disc", ""], object)}
+    text = method.host_inputs(batch)["text"]
+    method.host_inputs(batch)
+    assert calls == ["disc", "checker", None]  # once each, "" -> the generic word
+    np.testing.assert_array_equal(text[0], text[2])
+    assert np.abs(text[0] - text[1]).max() > 1e-4
+    generic = np.asarray(method.text_features({}, model.clip_params, None))
+    np.testing.assert_allclose(text[3], generic, rtol=0, atol=1e-6)
+    # The generic word is a knob: another word, other text.
+    other = winclip_config(data_root, winclip__generic_word="part")
+    other_method = create_method(other, method.clip_config)
+    assert np.abs(np.asarray(other_method.text_features({}, model.clip_params, None))
+                  - generic).max() > 1e-4
+
+
+def test_python_api_runs_zero_and_few_shot_from_a_config(data_root):
+    images = np.random.default_rng(0).integers(0, 256, (2, 90, 100, 3), dtype=np.uint8)
+    zero = genclip_jax.load(config=winclip_config(data_root), batch_size=8)
+    a = zero.predict(images, class_name="disc")
+    b = zero.predict(images, class_name="checker")
+    assert a.anomaly_map.shape == (2, IMAGE_SIZE, IMAGE_SIZE)
+    assert np.abs(a.image_score - b.image_score).max() > 1e-6  # the class names the prompts
+    few = genclip_jax.load(config=winclip_config(data_root, fewshot__k=2), batch_size=8)
+    c = few.predict(images, class_name="disc")
+    assert np.abs(c.anomaly_map - a.anomaly_map).max() > 1e-4
+    # Its own references score near zero on the few-shot side: the map halves at most.
+    refs = [pipeline.read_image(p) for p in fewshot.reference_paths(str(data_root))["disc"][:2]]
+    own = few.predict(np.stack([np.asarray(r.convert("RGB")) for r in refs]), class_name="disc")
+    alone = zero.predict(np.stack([np.asarray(r.convert("RGB")) for r in refs]),
+                         class_name="disc")
+    np.testing.assert_allclose(own.anomaly_map, alone.anomaly_map / 2, rtol=0, atol=1e-5)
+
+
+def test_references_from_class_folders_equal_meta_json(data_root, tmp_path):
+    by_meta = fewshot.reference_paths(str(data_root))
+    assert sorted(by_meta) == ["checker", "disc"] and len(by_meta["disc"]) == 3
+    for cls, paths in by_meta.items():
+        (tmp_path / cls / "sub").mkdir(parents=True)
+        for p in paths:
+            shutil.copy(p, tmp_path / cls / "sub" / p.name)
+    by_folder = fewshot.reference_paths(str(tmp_path))
+    assert {c: [p.name for p in v] for c, v in by_folder.items()} == {
+        c: [p.name for p in v] for c, v in by_meta.items()}
+    assert fewshot.select(by_folder, "disc", 2, "x") == by_folder["disc"][:2]
+
+
+def test_too_few_references_name_class_k_and_count(data_root):
+    paths = fewshot.reference_paths(str(data_root))
+    with pytest.raises(ValueError, match=r"class 'disc' has 3 normal reference images, fewer "
+                                         r"than fewshot\.k=4"):
+        fewshot.select(paths, "disc", 4, str(data_root))
+    with pytest.raises(ValueError, match=r"no reference images of class 'pcb1'"):
+        fewshot.select(paths, "pcb1", 1, str(data_root))
+    with pytest.raises(ValueError, match=r"class is unknown and the references hold 2 classes"):
+        fewshot.select(paths, "", 1, str(data_root))
+    config = winclip_config(data_root, fewshot__k=4)
+    with pytest.raises(ValueError, match=r"class 'checker' has 3 normal reference images"):
+        evaluate.evaluate(config, str(data_root / "run"))
+    assert not (data_root / "run").exists()  # nothing written
+
+
+def test_a_class_name_too_long_names_the_class_and_template(data_root):
+    config = winclip_config(data_root)
+    method = create_method(config, CLIPConfig(**config.model.random_arch.to_dict()))
+    long = "very " * 75 + "long"
+    with pytest.raises(ValueError, match=r"class '.*long'.*template 'a cropped photo of the "
+                                         r"\{\}\.'.*winclip\.templates"):
+        method.text_features({}, None, long)
+
+
+def test_config_errors(data_root):
+    config = winclip_config(data_root, winclip__scales=(2, 2), winclip__templates=["a photo"],
+                            fewshot__k=1, fewshot__reference=str(data_root / "nowhere"))
+    with pytest.raises(ValueError) as err:
+        validate.validate(config, "eval")
+    text = str(err.value)
+    assert "winclip.scales: expected distinct window sides" in text
+    assert "winclip.templates[0]: expected a template with one '{}', got 'a photo'" in text
+    assert "fewshot.reference: fewshot.k=1 needs a folder" in text
+    other = defaults.tiny_config("anomalyclip")
+    other.fewshot.k = 1
+    with pytest.raises(ValueError, match=r"fewshot\.k: method 'anomalyclip' has no few-shot"):
+        validate.validate(other, "predict")
+    big = winclip_config(data_root, winclip__scales=(2, 8))
+    arch = CLIPConfig(**big.model.random_arch.to_dict())
+    with pytest.raises(ValueError, match=r"windows of \[8\] patches do not fit the 7x7 patch"):
+        validate.check_backbone(big, arch)
