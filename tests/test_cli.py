@@ -161,7 +161,7 @@ def test_a_config_arg_typo_fails_at_once(tmp_path):
     assert result.returncode == 1
     assert result.stderr == (
         "FATAL Flags parsing error: --config=configs/tiny.py:genclp: configs/tiny.py: arg must be "
-        "one of ['anomalyclip', 'genclip'], got 'genclp' (did you mean 'genclip'?)\n"
+        "one of ['anomalyclip', 'genclip', 'winclip'], got 'genclp' (did you mean 'genclip'?)\n"
     )
     assert not (tmp_path / "run").exists()
 

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from genclip_jax import fewshot, maps
+from genclip_jax.clip import model as clip_model
 from genclip_jax.clip.model import CLIP, CLIPConfig
 from genclip_jax.clip.vision import WindowFeatures
 from genclip_jax.prompts import winclip as prompts
@@ -198,7 +199,7 @@ class WinCLIP:
 
     def class_image_features(self, clip_params: Any, images: jax.Array) -> jax.Array:
         """Standard CLIP image embeddings (WinCLIP does not adapt to classes by images)."""
-        return self.encode_images(clip_params, images).image
+        return clip_model.image_embeddings(self.clip_config, clip_params, images)
 
     def _bound(self) -> Any:
         if self._clip_params is None:
@@ -247,7 +248,9 @@ class WinCLIP:
                         for key in ("patches", "windows")})
         return out
 
-    def loss(self, params, clip_params, feats, batch):
+    def loss(self, params: dict, clip_params: Any, feats: WindowFeatures, batch: dict):
+        """Refused: there is nothing to learn (`validate` refuses `train` before this)."""
+        del params, clip_params, feats, batch
         raise ValueError("method 'winclip' needs no training (nothing is learned): run "
                          "`genclip-jax eval` or `predict` with this config directly")
 
