@@ -136,3 +136,17 @@ def test_bad_activation_and_architecture_names():
         weights.load(str(FIXTURE), npz_prefix="sd.", activation="relu")
     with pytest.raises(ValueError, match=r"architecture: expected .*ViT-B-16-plus-240.*got 'B'"):
         weights.load(str(FIXTURE), npz_prefix="sd.", architecture="B")
+
+
+def test_the_open_clip_name_offline_says_which_files_to_put_where(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        weights.load("ViT-B-16-plus-240")
+    text = str(err.value)
+    assert "hf download timm/vit_base_patch16_plus_240.laion400m_e31 open_clip_config.json " \
+           "open_clip_model.safetensors" in text
+    assert "HF_HUB_OFFLINE is set" in text

@@ -162,3 +162,16 @@ def test_config_errors(data_root):
     arch = CLIPConfig(**big.model.random_arch.to_dict())
     with pytest.raises(ValueError, match=r"windows of \[8\] patches do not fit the 7x7 patch"):
         validate.check_backbone(big, arch)
+
+
+def test_demo_evaluates_without_training(tmp_path):
+    from genclip_jax import demo
+
+    config = defaults.tiny_config("winclip")
+    config.train.progress = False
+    config.eval.heatmaps_per_class = 1
+    rows = demo.run(config, str(tmp_path))
+    assert rows.keys() == {"stripes", "checker", "disc"}
+    assert (tmp_path / "eval" / "data" / "metrics.json").is_file()
+    assert list((tmp_path / "eval" / "data" / "heatmaps").rglob("*.png"))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
