@@ -97,6 +97,11 @@ def test_python_api_runs_zero_and_few_shot_from_a_config(data_root):
     b = zero.predict(images, class_name="checker")
     assert a.anomaly_map.shape == (2, IMAGE_SIZE, IMAGE_SIZE)
     assert np.abs(a.image_score - b.image_score).max() > 1e-6  # the class names the prompts
+    feats = zero.encode_images(images)  # padded rows dropped along each leaf's batch axis
+    grid = IMAGE_SIZE // 16
+    windows = (grid - 1) ** 2 + (grid - 2) ** 2
+    assert (feats.image.shape, feats.patches.shape, feats.windows.shape) == (
+        (2, 32), (2, grid * grid, 64), (2, windows, 32))
     few = genclip_jax.load(config=winclip_config(data_root, fewshot__k=2), batch_size=8)
     c = few.predict(images, class_name="disc")
     assert np.abs(c.anomaly_map - a.anomaly_map).max() > 1e-4
