@@ -325,7 +325,7 @@ def test_openai_state_dict_wrapper_and_module_prefix(openai_tiny):
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_openai_torchscript_archive(openai_tiny):
     """The one test that needs torch: TorchScript archives are programs, read by torch.jit."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", exc_type=ImportError)  # absent or unusable: skip
     path = OUT / "openai_tiny_jit.pt"
     assert "input_resolution" in torch.jit.load(str(path)).state_dict()
     config, params = weights.load(str(path), **OPENAI_HEADS)
