@@ -13,7 +13,8 @@ Every route converges on OpenAI's state-dict names (`visual.conv1.weight`, ...),
     HF-named tensors (`.npz`: optionally under a key prefix).
 
 The architecture is inferred from the tensors; only head counts need the checkpoint's config
-(OpenAI's convention is width // 64) and can be overridden.
+(OpenAI's convention is width // 64) and can be overridden. Only TorchScript archives need torch;
+`torch.save` files are read by `genclip_jax.torch_pickle`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ OPENAI_NAMES = {
     "ViT-L/14": "ViT-L-14.pt",
     "ViT-L/14@336px": "ViT-L-14-336px.pt",
 }
-# Weight files of a HF model folder, in order of preference (no torch needed for the first three).
+# Weight files of a HF model folder, in order of preference (none needs torch: torch_pickle).
 HF_WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -375,7 +376,7 @@ def openai_from_hf(hf: StateDict) -> dict[str, np.ndarray]:
 
 
 def _hf_from_flax_msgpack(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads a HF `flax_model.msgpack` (no torch needed) into torch-layout HF names.
+    """Reads a HF `flax_model.msgpack` into torch-layout HF names.
 
     Flax layout: nested dicts, Dense `kernel` (in, out), Conv `kernel` HWIO, LayerNorm `scale`,
     Embed `embedding`; torch layout: `weight` (out, in), OIHW, `weight`, `weight`.
