@@ -89,7 +89,8 @@ class _Storage:
                                  f"{info.file_size}")
             buffer = bytearray(expected)  # writable, unlike bytes
             with self.archive.open(info) as f:
-                f.readinto(buffer)
+                if f.readinto(buffer) != expected:
+                    raise ValueError(f"{self.record}: shorter than its {expected} bytes")
             if self.big_endian:
                 self._array = np.frombuffer(buffer, self.dtype.newbyteorder(">")).astype(
                     self.dtype)
