@@ -19,6 +19,7 @@ output, parallelism, logging).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,11 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "genclip.image_loss_weight", "genclip.query_loss_weight",
 )
 
+# What a model's scores depend on besides its checkpoint: every model and inference knob.
+SCORE_FIELDS: tuple[str, ...] = (
+    *MODEL_FIELDS, "model", "prompts", "anomalyclip", "genclip", "eval.params",
+)
+
 _ABSENT = "<absent>"
 
 
@@ -77,6 +83,15 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def config_hash(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+    """A short digest of the `SCORE_FIELDS` of `config`: equal hashes give the same scores, so
+    thresholds calibrated under one hold under the other."""
+    fields = {k: v for k, v in sorted(_flatten(config_to_dict(config)).items())
+              if _covered(k, SCORE_FIELDS)}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _covered(name: str, fields: Sequence[str]) -> bool:
