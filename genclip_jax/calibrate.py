@@ -272,8 +272,9 @@ def calibrate(
             "display_quantile": cfg.display_quantile,
             "normal": str(pathlib.Path(normal).absolute()),
             "anomalous": str(pathlib.Path(anomalous).absolute()) if anomalous else None,
-            "images": {c: {"normal": n, "anomalous": int((labelled_names == c).sum())}
-                       for c, n in counts.items()},
+            "images": {c: {"normal": n, "anomalous": sum(
+                e["cls_name"] == c and e["anomaly"] > 0 for e in labelled_entries or [])}
+                for c, n in counts.items()},
         },
         "classes": classes,
         "global": glob,
