@@ -5,6 +5,7 @@
     RUN/logs/              TensorBoard events of `train`
     RUN/eval/<target>/     default output of `eval`: one folder per test root, replaced whole
     RUN/predict/           default output of `predict`
+    RUN/calibration.json   thresholds of `calibrate` (its only file; atomic)
 
 `eval` and `predict` only read a run (checkpoints through a read-only Orbax manager) and write
 their own output folder, so they work beside a live training and, given `--out`, on a read-only
