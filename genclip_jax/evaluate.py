@@ -194,7 +194,7 @@ def adapt_to_classes(
     names = np.array([e["cls_name"] for e in entries])
     embeddings = functools.cache(lambda: image_embeddings(config, model, dataset))
     decisions = model.method.prepare_eval(
-        model.clip_params, [str(n) for n in dict.fromkeys(names)],
+        model.clip_params, [str(n) for n in dict.fromkeys(names) if n],
         lambda cls: embeddings()[names == cls],
     )
     for name, decision in decisions.items():
@@ -238,16 +238,18 @@ def write_heatmaps(
     results: dict[str, np.ndarray],
     per_class: int,
 ) -> list[pathlib.Path]:
-    """The first `per_class` images of each class, maps scaled by the class's value range; files
-    named by `heatmaps.panel_names` (unique per input path)."""
+    """The first `per_class` images of each class, every map on the value range of the whole set
+    (in range.json beside them) so that panels compare across classes; files named by
+    `heatmaps.panel_names` (unique per input path)."""
     names = np.array([e["cls_name"] for e in entries])
     panels = heatmaps.panel_names([e["img_path"] for e in entries])
-    written = []
     size = results["anomaly_map"].shape[-1]
+    value_range = (float(results["anomaly_map"].min()), float(results["anomaly_map"].max()))
+    written = [write_atomic(out_dir / "range.json", json.dumps(
+        {"value_range": list(value_range),
+         "note": "every panel of this set shows the map on this range"}) + "\n")]
     for cls in dict.fromkeys(names):
         idx = np.flatnonzero(names == cls)
-        maps = results["anomaly_map"][idx]
-        value_range = (float(maps.min()), float(maps.max()))
         for i in idx[:per_class]:
             image = pipeline.image_transform(dataset.read(int(i)).image, size)
             written.append(heatmaps.save_panel(

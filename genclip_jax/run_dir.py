@@ -5,6 +5,7 @@
     RUN/logs/              TensorBoard events of `train`
     RUN/eval/<target>/     default output of `eval`: one folder per test root, replaced whole
     RUN/predict/           default output of `predict`
+    RUN/calibration.json   thresholds of `calibrate` (its only file; atomic)
 
 `eval` and `predict` only read a run (checkpoints through a read-only Orbax manager) and write
 their own output folder, so they work beside a live training and, given `--out`, on a read-only
@@ -19,6 +20,7 @@ output, parallelism, logging).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -47,6 +49,8 @@ MODEL_FIELDS: tuple[str, ...] = (
     "genclip.mvp_source", "genclip.mvp_bias", "genclip.mvp_target", "genclip.normal_state",
     "genclip.abnormal_state", "genclip.deep_depth", "genclip.deep_length",
     "genclip.fp16_deep_prompts", "genclip.temperature", "genclip.image_text_layer",
+    # Training-free methods: their fixed prompts, windows and few-shot references.
+    "winclip", "fewshot",
 )
 TRAINING_FIELDS: tuple[str, ...] = (
     "data.train_root", "data.train_split", "data.train_classes", "data.missing_mask",
@@ -57,6 +61,11 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "prompts.init_std", "genclip.init_std", "genclip.mvp_init",
     "anomalyclip.features_list", "anomalyclip.local_loss_weight",
     "genclip.image_loss_weight", "genclip.query_loss_weight",
+)
+
+# What a model's scores depend on besides its checkpoint: every model and inference knob.
+SCORE_FIELDS: tuple[str, ...] = (
+    *MODEL_FIELDS, "model", "prompts", "anomalyclip", "genclip", "eval.params",
 )
 
 _ABSENT = "<absent>"
@@ -78,6 +87,15 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def config_hash(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+    """A short digest of the `SCORE_FIELDS` of `config`: equal hashes give the same scores, so
+    thresholds calibrated under one hold under the other."""
+    fields = {k: v for k, v in sorted(_flatten(config_to_dict(config)).items())
+              if _covered(k, SCORE_FIELDS)}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _covered(name: str, fields: Sequence[str]) -> bool:
