@@ -172,6 +172,7 @@ class WinCLIP:
         return {}
 
     def shape_hints(self, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """No stored params, so no field they could contradict."""
         del shapes
         return []
 
