@@ -10,7 +10,9 @@ left to right. The named variants form the paper's ablation ladder (genclip spec
   dual_branch  + the query-only branch at inference (fusion_w = 0.5)
 
 Every (variant, seed) trains and evaluates in `<workdir>/<variant>/seed<k>` and leaves its result
-there (`ablation_cell.json`), so a rerun only trains the cells it lacks. After each run
+there (`ablation_cell.json`), so a rerun only trains the cells it lacks. A variant of a method with
+nothing to train (`method=winclip`: the training-free baseline row) is evaluated once, with the
+first seed. After each run
 `<workdir>/ablation.{md,csv,json}` are rewritten atomically: the rows of an earlier table that
 this sweep does not touch, and every swept variant over all its finished seeds.
 """
@@ -290,7 +292,8 @@ def run_ablation(
       {"metrics": [...], "variants": {name: {"overrides", "seeds", "mean", "std", "per_seed",
       "classes"}}} (metric values in [0, 1], NaN as None).
     """
-    from genclip_jax import train
+    from genclip_jax import evaluate, train
+    from genclip_jax.methods import needs_training
 
     if not sweep:
         raise ValueError("sweep: expected at least one variant, got none")
@@ -332,12 +335,15 @@ def run_ablation(
         for seed in sorted(runs):
             logging.info("ablation: kept the finished run %s",
                          out / variant.name / f"seed{seed}" / CELL_FILE)
-        for seed in [s for s in seeds if s not in runs]:
+        # A training-free method (WinCLIP) is one evaluation: its seeds would repeat it.
+        trained = needs_training(configs[variant.name].method)
+        for seed in [s for s in (seeds if trained else seeds[:1]) if s not in runs]:
             run_dir = out / variant.name / f"seed{seed}"
             run_config = copy.deepcopy(configs[variant.name])
             run_config.train.seed = seed
             run_config.workdir = str(run_dir)
-            runs[seed] = train.train_and_evaluate(run_config, str(run_dir))
+            run = train.train_and_evaluate if trained else evaluate.evaluate
+            runs[seed] = run(run_config, str(run_dir))
             if lead:
                 write_cell(run_dir / CELL_FILE, variant, seed, test_root, runs[seed])
             table[variant.name] = summarize(variant, dict(sorted(runs.items())))

@@ -193,8 +193,7 @@ def _winclip_errors(config: ml_collections.ConfigDict, command: str) -> list[str
                              for s in scales) or len(set(scales)) != len(scales):
         errors.append(f"winclip.scales: expected distinct window sides in patches (integers "
                       f">= 1), got {scales!r}")
-    if command in ("train", "ablate") and config.method in METHODS and not needs_training(
-            config.method):
+    if command == "train" and config.method in METHODS and not needs_training(config.method):
         errors.append(f"method: {config.method!r} needs no training (it learns nothing): run "
                       "`genclip-jax eval` or `predict` with this config directly")
     if config.fewshot.k and config.method not in FEWSHOT_METHODS:

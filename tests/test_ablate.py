@@ -260,3 +260,30 @@ def test_malformed_files_are_named(tmp_path, monkeypatch, name, text, expected):
     with pytest.raises(ValueError, match=re.escape(f"{path}: {expected}")):
         ablate.run_ablation(_config(tmp_path), str(tmp_path / "out"), ["mvp"], [0])
     assert calls == []
+
+
+def test_a_training_free_row_is_evaluated_once_without_training(tmp_path, monkeypatch):
+    """`method=winclip` in a sweep: the training-free baseline row beside trained variants."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("a training-free variant must not train")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, classes=("disc",), defects=("spot",), image_size=56,
+                            n_train_good=1, n_test_good=2, n_test_defect_per_type=1)
+    config = defaults.tiny_config("anomalyclip")
+    config.model.image_size = 56
+    config.train.progress = False
+    config.eval.heatmaps_per_class = 0
+    config.eval.metrics = ["image_auroc", "pixel_auroc"]
+    config.data.train_root = config.data.test_root = str(data)
+    out = tmp_path / "ablation"
+
+    result = ablate.run_ablation(config, str(out), ["method=winclip+model.activation=gelu"],
+                                 seeds=[3, 4])
+
+    [(name, entry)] = result["variants"].items()
+    assert entry["seeds"] == [3] and set(entry["classes"]) == {"disc"}
+    assert (out / name / "seed3" / "eval" / "data" / "metrics.json").is_file()
+    assert not (out / name / "seed4").exists()
+    assert not (out / name / "seed3" / "checkpoints").exists()
