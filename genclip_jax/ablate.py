@@ -290,7 +290,7 @@ def run_ablation(
       {"metrics": [...], "variants": {name: {"overrides", "seeds", "mean", "std", "per_seed",
       "classes"}}} (metric values in [0, 1], NaN as None).
     """
-    from genclip_jax import train
+    from genclip_jax import train_eval
 
     if not sweep:
         raise ValueError("sweep: expected at least one variant, got none")
@@ -337,7 +337,7 @@ def run_ablation(
             run_config = copy.deepcopy(configs[variant.name])
             run_config.train.seed = seed
             run_config.workdir = str(run_dir)
-            runs[seed] = train.train_and_evaluate(run_config, str(run_dir))
+            runs[seed] = train_eval.train_and_evaluate(run_config, str(run_dir))
             if lead:
                 write_cell(run_dir / CELL_FILE, variant, seed, test_root, runs[seed])
             table[variant.name] = summarize(variant, dict(sorted(runs.items())))

@@ -177,10 +177,10 @@ def _require(*names: str) -> None:
 
 
 def _train() -> None:
-    from genclip_jax import train
+    from genclip_jax import train_eval
 
     _require("workdir")
-    train.train_and_evaluate(_config(), FLAGS.workdir)
+    train_eval.train_and_evaluate(_config(), FLAGS.workdir)
 
 
 def _eval() -> None:

@@ -6,7 +6,7 @@ import pathlib
 
 import ml_collections
 
-from genclip_jax import train
+from genclip_jax import train_eval
 from genclip_jax.data import synthetic
 
 
@@ -22,4 +22,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = config.copy_and_resolve_references()
     config.data.train_root = config.data.train_root or str(data_root)
     config.data.test_root = config.data.test_root or str(data_root)
-    return train.train_and_evaluate(config, workdir)
+    return train_eval.train_and_evaluate(config, workdir)

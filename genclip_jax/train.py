@@ -1,4 +1,4 @@
-"""Prompt training: `train_and_evaluate(config, workdir)` built from small jitted pieces.
+"""Prompt training: `train(config, workdir)` built from small jitted pieces.
 
 The backbone is frozen, so each step is `encode_images` (no gradient; optionally cached once for
 all epochs) followed by `update` (text side forward, loss, Adam). Batches are sharded over the
@@ -23,7 +23,7 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from genclip_jax import checkpoint, evaluate, parallel, run_dir, validate
+from genclip_jax import checkpoint, parallel, run_dir, validate
 from genclip_jax.backbone import load_backbone
 from genclip_jax.clip.vision import BATCH_AXES, VisionFeatures
 from genclip_jax.data import anomaly_synthesis, pipeline
@@ -263,15 +263,3 @@ def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) ->
         writer.write_scalars(epoch + 1, summary)
     return state
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains, then evaluates the final checkpoint on `data.test_root` (if set) into
-    `<workdir>/eval/<name of the test root>/`. The test set and the output folder are checked
-    before training, so a bad test set does not cost a training run."""
-    validate.validate(config, "train")
-    if config.data.test_root:
-        evaluate.prepare_target(config, workdir)
-    train(config, workdir)
-    if not config.data.test_root:
-        return {}
-    return evaluate.evaluate(config, workdir)

@@ -8,7 +8,7 @@ import time
 import pytest
 from train_helpers import tiny_config, write_dataset
 
-from genclip_jax import evaluate, predict, train, validate
+from genclip_jax import evaluate, predict, train, train_eval, validate
 from genclip_jax.clip.model import CLIPConfig
 
 
@@ -41,7 +41,7 @@ def test_every_choice_field_refuses_a_typo_before_any_work(field, data_root, tmp
     _set(config, field, allowed[-1] + "x")
     workdir = tmp_path / "run"
     message = _fails_fast_with_nothing_written(
-        lambda: train.train_and_evaluate(config, str(workdir)), field, workdir
+        lambda: train_eval.train_and_evaluate(config, str(workdir)), field, workdir
     )
     assert f"{field}: expected one of {list(allowed)}, got {allowed[-1] + 'x'!r}" in message
     assert f"(did you mean {allowed[-1]!r}?)" in message
@@ -71,7 +71,7 @@ def test_bad_values_name_the_field_and_what_was_expected(
     _set(config, field, value)
     workdir = tmp_path / "run"
     _fails_fast_with_nothing_written(
-        lambda: train.train_and_evaluate(config, str(workdir)), "invalid config", workdir
+        lambda: train_eval.train_and_evaluate(config, str(workdir)), "invalid config", workdir
     )
     with pytest.raises(ValueError) as info:
         validate.validate(config, "train")
