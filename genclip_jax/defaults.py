@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.genclip.cnf = ml_collections.ConfigDict()
     c.genclip.cnf.rule = "B"  # "B" (image-text alignment), "A", "A'" (vocabulary), "off"
     c.genclip.cnf.margin = 0.0
-    c.genclip.cnf.template = "a photo of a {}."
+    c.genclip.cnf.template = "a photo of {}."  # "{}": the word with its article, "an object"
     c.genclip.cnf.generic_word = "object"
 
     # Data: meta.json datasets (AnomalyCLIP/AdaCLIP format).

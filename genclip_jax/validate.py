@@ -160,11 +160,16 @@ def _list_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _template_errors(config: ml_collections.ConfigDict) -> list[str]:
-    return [
+    errors = [
         f"{field}: expected a template with one '{{}}' for the class word, got {value!r}"
         for field in TEMPLATES
         if (value := get_field(config, field)).count("{}") != 1
     ]
+    # An older config's "a photo of a {}." would read "a photo of a an object." now.
+    if re.search(r"\b(a|an) \{\}", template := config.genclip.cnf.template):
+        errors.append("genclip.cnf.template: '{}' takes the word with its article ('an object'); "
+                      f"expected no article before it, got {template!r}")
+    return errors
 
 
 def _path_errors(config: ml_collections.ConfigDict, command: str) -> list[str]:

@@ -62,6 +62,9 @@ def test_every_choice_field_refuses_a_typo_before_any_work(field, data_root, tmp
     ("genclip.layers", [6, 6], "genclip.layers: expected each layer once, got [6, 6]"),
     ("anomalyclip.features_list", [0], "anomalyclip.features_list: expected 1-indexed layer"),
     ("prompts.normal_state", "good", "prompts.normal_state: expected a template with one '{}'"),
+    ("genclip.cnf.template", "a photo of a {}.",
+     "genclip.cnf.template: '{}' takes the word with its article ('an object'); expected no "
+     "article before it, got 'a photo of a {}.'"),
     ("data.train_root", "", "data.train_root: set the root of the train dataset"),
 ])
 def test_bad_values_name_the_field_and_what_was_expected(

@@ -4,7 +4,8 @@ knows it, else use the generic word (genclip spec section 4).
 Rules (`genclip.cnf.rule`):
   "B"   (default, the paper's Fig. 3a: frozen image and text encoders): keep the name iff the
         class's unlabelled test images align better with "a photo of a {name}." than with
-        "a photo of a {generic}." by more than `margin` (mean cosine over the images);
+        "a photo of an {generic}." by more than `margin` (mean cosine over the images; the
+        template's "{}" takes the word with its article, `with_article`);
   "A"   every word of the name is one whole-word BPE token and has no digit;
   "A'"  keep unless the name has a digit or none of its words is recognised, a word being
         recognised if it is one whole-word BPE token or splits into BPE pieces of at least
@@ -40,7 +41,13 @@ class Decision:
     kept: bool
     rule: str
     score_name: float | None = None  # mean cos(image, "a photo of a {name}.") (rule B)
-    score_generic: float | None = None  # mean cos(image, "a photo of a {generic}.") (rule B)
+    score_generic: float | None = None  # mean cos(image, "a photo of an {generic}.") (rule B)
+
+
+def with_article(word: str) -> str:
+    """'bottle' -> 'a bottle', 'object' -> 'an object' (by the first letter: English
+    exceptions such as 'an hour' are not worth a dictionary for class names)."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def _has_digit(name: str) -> bool:
@@ -74,9 +81,10 @@ def alignment_scores(
     template: str,
     context_length: int,
 ) -> tuple[float, float]:
-    """Mean cosine of (N, D) image features (N >= 1) with the template filled by each word
-    (cosines in float64 on the host, so decisions do not depend on the device's matmul)."""
-    ids = jnp.asarray(tokenize([template.format(w) for w in words], context_length))
+    """Mean cosine of (N, D) image features (N >= 1) with the template filled by each word and
+    its article (cosines in float64 on the host, so decisions do not depend on the device's
+    matmul)."""
+    ids = jnp.asarray(tokenize([template.format(with_article(w)) for w in words], context_length))
     text = np.asarray(clip.apply({"params": clip_params}, ids, method=CLIP.encode_text),
                       np.float64)
     images = np.asarray(image_features, np.float64)
