@@ -13,7 +13,7 @@ import pytest
 
 from genclip_jax import defaults, maps
 from genclip_jax.backbone import load_backbone
-from genclip_jax.clip.tokenizer import default_tokenizer, encode
+from genclip_jax.clip.tokenizer import EOT_ID, SOT_ID, encode
 from genclip_jax.methods.genclip import GenCLIP
 from genclip_jax.prompts import genclip as prompts
 
@@ -83,16 +83,15 @@ def test_prompt_layout_is_static():
     cfg = method.cfg
     k, m = cfg.state_len, cfg.gqp_len
     ids = prompts.class_token_ids(cfg, "metal nut", 77)
-    tok = default_tokenizer()
     slot = encode(prompts.PLACEHOLDER)
     assert len(slot) == 1
     for row, words in zip(ids, (["metal nut."], ["damaged metal nut."]), strict=True):
         suffix = encode(words[0])
         eot = 1 + k + m + len(suffix)
-        assert row[0] == tok.sot_id
+        assert row[0] == SOT_ID
         assert (row[1 : 1 + k + m] == slot[0]).all()
         assert list(row[1 + k + m : eot]) == suffix
-        assert row[eot] == tok.eot_id and int(np.argmax(row)) == eot
+        assert row[eot] == EOT_ID and int(np.argmax(row)) == eot
         assert not row[eot + 1 :].any()
     np.testing.assert_array_equal(
         method.query_ids, prompts.class_token_ids(cfg, cfg.cnf.generic_word, 77))

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from genclip_jax.clip.model import CLIP
-from genclip_jax.clip.tokenizer import default_tokenizer, is_whole_word_token, tokenize
+from genclip_jax.clip.tokenizer import END_OF_WORD, is_whole_word_token, tokenize, tokens
 from genclip_jax.prompts.genclip import normalize_class_name
 
 RULES = ("B", "A", "A'", "off")
@@ -58,9 +58,7 @@ def _recognised_word(word: str) -> bool:
     """Rule A' word test: a whole-word token, or BPE pieces of >= MIN_PIECE_CHARS characters."""
     if is_whole_word_token(word):
         return True
-    tokenizer = default_tokenizer()
-    pieces = [s.removesuffix("</w>") for p in tokenizer.pieces(word) for s in tokenizer.bpe(p)]
-    return all(len(piece) >= MIN_PIECE_CHARS for piece in pieces)
+    return all(len(s.removesuffix(END_OF_WORD)) >= MIN_PIECE_CHARS for s in tokens(word))
 
 
 def vocabulary_rule(name: str, strict: bool) -> bool:
