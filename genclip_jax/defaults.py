@@ -9,15 +9,6 @@ from __future__ import annotations
 
 import ml_collections
 
-MVTEC_CLASSES = (
-    "carpet", "bottle", "hazelnut", "leather", "cable", "capsule", "grid", "pill", "transistor",
-    "metal_nut", "screw", "toothbrush", "zipper", "tile", "wood",
-)
-VISA_CLASSES = (
-    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
-    "pcb2", "pcb3", "pcb4", "pipe_fryum",
-)
-
 
 def tiny_backbone() -> ml_collections.ConfigDict:
     """A small random CLIP with the real structure (24 vision layers, DPAM 6..24)."""

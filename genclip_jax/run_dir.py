@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from genclip_jax import defaults, files, parallel
 
@@ -68,15 +69,8 @@ def config_to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dic
     return json.loads(json.dumps(dict(config)))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return traverse_util.flatten_dict(dict(tree), sep=".")
 
 
 def _covered(name: str, fields: Sequence[str]) -> bool:
@@ -91,8 +85,8 @@ def config_differences(
     A field missing from `old` (a run written before the field existed) takes its default; one
     missing on either side after that reads ``"<absent>"``.
     """
-    flat_old = {**_flatten(config_to_dict(defaults.base_config())), **_flatten(old)}
-    flat_new = _flatten(new)
+    flat_old = {**_flat(config_to_dict(defaults.base_config())), **_flat(old)}
+    flat_new = _flat(new)
     diffs = {}
     for name in sorted(flat_old.keys() | flat_new.keys()):
         if _covered(name, fields):

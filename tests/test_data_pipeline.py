@@ -253,7 +253,7 @@ def test_bad_inputs(tmp_path):
         dataset.read(1)
 
 
-def test_image_folder_dataset(tmp_path):
+def test_scan_image_folder(tmp_path):
     Image.new("RGB", (12, 8), (1, 2, 3)).save(tmp_path / "b.png")
     (tmp_path / "sub").mkdir()
     Image.new("L", (8, 8), 7).save(tmp_path / "sub" / "a.jpg")
@@ -261,15 +261,18 @@ def test_image_folder_dataset(tmp_path):
     good = tmp_path / "c.png"
     Image.new("RGB", (64, 64), (5, 5, 5)).save(good)
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:40])
+    entries, skipped = pipeline.scan_image_folder(tmp_path)
+    assert skipped == ["cut.png", "notes.txt"]
     with pytest.warns(UserWarning, match=r"skipped 2 file\(s\).*\['cut\.png', 'notes\.txt'\]"):
-        dataset = pipeline.image_folder_dataset(tmp_path)
+        pipeline.warn_skipped(tmp_path, skipped)
+    dataset = pipeline.Dataset.from_entries(tmp_path, entries)
     assert len(dataset) == 3
     assert [dataset.read(i).img_path for i in range(3)] == ["b.png", "c.png", "sub/a.jpg"]
     sample = dataset.load(2, S)
     assert sample["label"] == -1 and sample["mask"].sum() == 0
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="at least one readable image"):
-        pipeline.image_folder_dataset(tmp_path / "empty")
+        pipeline.scan_image_folder(tmp_path / "empty")
 
 
 def test_batches_padding_and_keys(root):

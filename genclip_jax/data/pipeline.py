@@ -420,13 +420,6 @@ def warn_skipped(folder: str | os.PathLike, skipped: Sequence[str]) -> None:
         )
 
 
-def image_folder_dataset(folder: str | os.PathLike) -> Dataset:
-    """Every image under `folder` (see `scan_image_folder`), non-images skipped with a warning."""
-    entries, skipped = scan_image_folder(folder)
-    warn_skipped(folder, skipped)
-    return Dataset.from_entries(folder, entries)
-
-
 # ----------------------------------------------------------------------------------------------
 # Batching, sharding, prefetch.
 
