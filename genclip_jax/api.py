@@ -114,7 +114,7 @@ class Model:
             host = {"image": np.concatenate([chunk, pad]),
                     "valid": np.arange(self.batch_size) < n,
                     "cls_name": np.array([class_name or ""] * n + [""] * (len(pad)), object)}
-            host.update(self.method.host_inputs(host))
+            host.update(self.method.host_inputs(host, self._inference.adaptation))
             yield parallel.global_batch(host, self._inference.mesh), n
 
     def predict(

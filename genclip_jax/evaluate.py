@@ -26,7 +26,7 @@ from genclip_jax.backbone import load_backbone
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline
 from genclip_jax.files import write_atomic
-from genclip_jax.methods import create_method
+from genclip_jax.methods import Adaptation, create_method
 
 
 def load_trained_params(
@@ -81,6 +81,7 @@ class Model:
     mesh: Mesh
     predict: Callable
     source: str  # where the params came from: a checkpoint step, a params export, the caller
+    adaptation: Adaptation = dataclasses.field(default_factory=dict)  # of `prepare_eval`
 
 
 def load_model(
@@ -127,7 +128,7 @@ def predictions(
     total = pipeline.num_batches(len(dataset), config.eval.batch_size)
     for host_batch in tqdm(batches, total=total, desc=desc,
                            disable=not config.train.progress or jax.process_index() != 0):
-        host_batch.update(model.method.host_inputs(host_batch))
+        host_batch.update(model.method.host_inputs(host_batch, model.adaptation))
         batch = parallel.global_batch(host_batch, model.mesh)
         pred = model.predict(model.params, model.clip_params, batch.pop("image"), batch)
         keys = ("mask", "label", "has_mask", "index", "valid")
@@ -181,7 +182,7 @@ def adapt_to_classes(
     config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset,
     entries: Sequence[dict],
 ) -> dict:
-    """Test-time adaptation of the method to the test classes (GenCLIP: class-name filtering).
+    """The method's adaptation to the test classes (GenCLIP: class-name filtering).
 
     The image embeddings pass runs only if the method asks for a class's images.
     """
@@ -192,7 +193,7 @@ def adapt_to_classes(
         lambda cls: embeddings()[names == cls],
     )
     for name, decision in decisions.items():
-        logging.info("class %s -> prompt word %r (%s)", name, decision.word, decision)
+        logging.info("class %s: %s", name, decision)
     return decisions
 
 
@@ -287,7 +288,7 @@ def prepare_target(
 
 def write_results(
     config: ml_collections.ConfigDict, model: Model, target: Target, rows: dict,
-    decisions: dict, results: dict[str, np.ndarray],
+    results: dict[str, np.ndarray],
 ) -> None:
     """Replaces `target.out` as a whole: tables, CNF decisions and eval.json first, heatmaps
     last; heatmaps that fail do not cost the tables (they land, then the error is raised)."""
@@ -296,8 +297,8 @@ def write_results(
     with run_dir.staged_output(target.out) as stage:
         if lead:
             metrics.write_tables(rows, stage)
-            if decisions:
-                text = json.dumps({k: dataclasses.asdict(d) for k, d in decisions.items()},
+            if model.adaptation:
+                text = json.dumps({k: dataclasses.asdict(d) for k, d in model.adaptation.items()},
                                   indent=2)
                 write_atomic(stage / "class_names.json", text + "\n")
             info = {"test_root": str(pathlib.Path(target.root).absolute()),
@@ -332,7 +333,8 @@ def evaluate(
         run_dir.RunDir(workdir).check_readable(config)
     model = load_model(config, workdir, params)
     decisions = adapt_to_classes(config, model, target.dataset, target.entries)
+    model = dataclasses.replace(model, adaptation=decisions)
     results = predict_dataset(config, model, target.dataset)
     rows = class_rows(target.entries, results, config)
-    write_results(config, model, target, rows, decisions, results)
+    write_results(config, model, target, rows, results)
     return rows

@@ -108,11 +108,15 @@ def test_host_inputs_use_cnf_words_and_generic_padding():
     method, clip_params = make_method(cnf__rule="A")
     decisions = method.prepare_eval(clip_params, ["pcb1", "metal_nut"], class_features=None)
     assert {n: d.word for n, d in decisions.items()} == {"pcb1": "object", "metal_nut": "metal nut"}
-    ids = method.host_inputs({"cls_name": ["pcb1", "metal_nut", ""]})["prompt_ids"]
+    ids = method.host_inputs({"cls_name": ["pcb1", "metal_nut", ""]}, decisions)["prompt_ids"]
     assert ids.shape == (3, 2, 77) and ids.dtype == np.int32
     np.testing.assert_array_equal(ids[0], method.query_ids)
     np.testing.assert_array_equal(ids[2], method.query_ids)
     np.testing.assert_array_equal(ids[1], method._ids("metal nut"))
+    # The method itself is unchanged: without the decisions, pcb1 is its own word again.
+    plain = method.host_inputs({"cls_name": ["pcb1"]})["prompt_ids"]
+    np.testing.assert_array_equal(plain[0], method._ids("pcb1"))
+    assert not np.array_equal(plain[0], method.query_ids)
 
 
 def test_shapes_of_every_output():

@@ -65,9 +65,9 @@ class AnomalyCLIP:
                 hints.append(f"prompts.deep_length={length} (config: {cfg.deep_length})")
         return hints
 
-    def host_inputs(self, batch: dict) -> dict:
+    def host_inputs(self, batch: dict, adaptation: Mapping[str, Any] | None = None) -> dict:
         """Extra numeric arrays the device step needs from host metadata (none here)."""
-        del batch
+        del batch, adaptation
         return {}
 
     def prepare_eval(self, clip_params: Any, class_names: list[str], class_features) -> dict:
