@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from genclip_jax import checkpoint, files, heatmaps, metrics, parallel, run_dir, validate
+from genclip_jax import checkpoint, files, heatmaps, metrics, parallel, run_dir, steps, validate
 from genclip_jax.backbone import load_backbone
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline
@@ -63,12 +63,7 @@ def load_trained_params(
 
 def make_predict_fn(method) -> Callable:
     """Jitted (params, clip_params, images, batch) -> {"anomaly_map", "image_score"}."""
-
-    def predict(params, clip_params, images, batch):
-        feats = method.encode_images(clip_params, images)
-        return method.predict(params, clip_params, feats, batch)
-
-    return jax.jit(predict)
+    return functools.partial(steps.predict, method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +159,7 @@ def image_embeddings(
     config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset
 ) -> np.ndarray:
     """(N, D) the method's `class_image_features` of every sample, by dataset index."""
-    embed = jax.jit(model.method.class_image_features)
+    embed = functools.partial(steps.class_image_features, model.method)
     out = None
     batches = pipeline.batches(dataset, config.eval.batch_size, prefetch=config.data.prefetch,
                                image_size=config.model.image_size)

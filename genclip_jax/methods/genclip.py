@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from ml_collections import FrozenConfigDict
 
 from genclip_jax import losses, maps
 from genclip_jax.clip import model as clip_model
 from genclip_jax.clip.model import CLIP, CLIPConfig
 from genclip_jax.clip.vision import VisionFeatures
+from genclip_jax.methods.config_key import ConfigKeyed
 from genclip_jax.prompts import cnf
 from genclip_jax.prompts import genclip as prompts
 
@@ -29,13 +31,15 @@ IMAGE_SCORES = ("mix", "global", "max")
 IMAGE_TEXT_LAYERS = ("last", "mean")
 
 
-class GenCLIP:
+class GenCLIP(ConfigKeyed):
     """See `genclip_jax.methods` for the interface."""
 
     name = "genclip"
     needs_class_name = True  # the vision-enhanced prompts name the class (or the generic word)
 
     def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
+        self.config_key = (FrozenConfigDict(config.model), FrozenConfigDict(config.genclip),
+                           clip_config)
         self.cfg = config.genclip
         self.image_size = config.model.image_size
         self.clip = CLIP(clip_config)
