@@ -28,14 +28,10 @@ def _dataset(root: pathlib.Path, source_size: int) -> pipeline.Dataset:
 
 def _epoch(dataset: pipeline.Dataset, args: argparse.Namespace, threads: int, prefetch: int) -> int:
     count = 0
+    plan = pipeline.host_batch_indices(len(dataset), args.batch_size, process_index=0,
+                                       process_count=1)
     for batch in pipeline.batches(
-        dataset,
-        args.batch_size,
-        image_size=args.image_size,
-        prefetch=prefetch,
-        num_threads=threads,
-        process_index=0,
-        process_count=1,
+        dataset, plan, image_size=args.image_size, prefetch=prefetch, num_threads=threads
     ):
         count += int(batch["valid"].sum())
     return count

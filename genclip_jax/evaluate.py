@@ -116,12 +116,12 @@ def predictions(
     Outputs: anomaly_map (B, S, S), image_score (B,) and the batch's mask, label, has_mask,
     index, valid.
     """
+    plan = pipeline.host_batch_indices(len(dataset), config.eval.batch_size)
     batches = pipeline.batches(
-        dataset, config.eval.batch_size, prefetch=config.data.prefetch,
-        image_size=config.model.image_size, skip_unreadable=skip_unreadable,
+        dataset, plan, prefetch=config.data.prefetch, image_size=config.model.image_size,
+        skip_unreadable=skip_unreadable,
     )
-    total = pipeline.num_batches(len(dataset), config.eval.batch_size)
-    for host_batch in tqdm(batches, total=total, desc=desc,
+    for host_batch in tqdm(batches, total=len(plan), desc=desc,
                            disable=not config.train.progress or jax.process_index() != 0):
         host_batch.update(model.method.host_inputs(host_batch, model.adaptation))
         batch = parallel.global_batch(host_batch, model.mesh)
@@ -161,7 +161,8 @@ def image_embeddings(
     """(N, D) the method's `class_image_features` of every sample, by dataset index."""
     embed = functools.partial(steps.class_image_features, model.method)
     out = None
-    batches = pipeline.batches(dataset, config.eval.batch_size, prefetch=config.data.prefetch,
+    plan = pipeline.host_batch_indices(len(dataset), config.eval.batch_size)
+    batches = pipeline.batches(dataset, plan, prefetch=config.data.prefetch,
                                image_size=config.model.image_size)
     for host_batch in batches:
         batch = parallel.global_batch(host_batch, model.mesh)

@@ -248,22 +248,18 @@ def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) ->
     if config.train.cache_features and synthesizer is not None:
         logging.info("train.cache_features is off for this run: train.synthetic_anomalies "
                      "changes the images every epoch")
-    steps_per_epoch = pipeline.num_batches(len(dataset), config.train.batch_size)
     order = {"shuffle": config.train.shuffle, "seed": config.train.seed}
     for epoch in range(start_epoch, config.train.epochs):
-        plan = pipeline.host_batch_indices(
-            len(dataset), config.train.batch_size, epoch=epoch, **order,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
+        plan = pipeline.host_batch_indices(len(dataset), config.train.batch_size, epoch=epoch,
+                                           **order)
         cached = cache is not None and cache.covers(plan)
         batches = pipeline.batches(
-            dataset, config.train.batch_size, epoch=epoch, **order,
-            prefetch=config.data.prefetch, image_size=config.model.image_size,
+            dataset, plan, prefetch=config.data.prefetch, image_size=config.model.image_size,
             with_images=not cached,
             synthesize=None if synthesizer is None else synthesizer.for_epoch(dataset.labels,
                                                                               epoch),
         )
-        progress = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}",
+        progress = tqdm(batches, total=len(plan), desc=f"epoch {epoch + 1}",
                         disable=not config.train.progress or jax.process_index() != 0)
         epoch_metrics, pending = None, []
         for host_batch in progress:
