@@ -54,6 +54,7 @@ def test_a_second_ablation_seed_traces_no_step_again(genclip_config, tmp_path, m
             traces[-1].append(fun_name)
 
     monkeypatch.setattr(train_eval, "train_and_evaluate", counted_run)
+    jax.clear_caches()  # what earlier tests compiled would hide the first seed's traces
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         ablate.run_ablation(genclip_config, str(tmp_path), ["dual_branch"], seeds=[0, 1])
