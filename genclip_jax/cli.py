@@ -41,9 +41,15 @@ COMMANDS = {
         "genclip-jax eval --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
         "--config.data.test_root=/data/mpdd",
     ),
+    "calibrate": Command(
+        "thresholds from normal images (and labelled defects) into RUN/calibration.json",
+        ("config", "workdir", "normal", "anomalous", "out", "overwrite", "profile"),
+        "genclip-jax calibrate --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
+        "--normal=/data/line3/good",
+    ),
     "predict": Command(
-        "score a folder of images (--images) into --out: scores.csv + heatmaps",
-        ("config", "workdir", "images", "out", "profile"),
+        "score images (--images) into --out: scores.csv, heatmaps, decisions once calibrated",
+        ("config", "workdir", "images", "calibration", "class", "format", "out", "profile"),
         "genclip-jax predict --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
         "--images=/data/new_parts --out=runs/ac_visa/new_parts",
     ),
@@ -89,10 +95,37 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/anomalyclip.py:visa.", sys_argv=_CONFIG_ARGV
 )
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tables, heatmaps.")
-flags.DEFINE_string("images", None, "predict: folder of images to score.")
+flags.DEFINE_string("images", None, "predict: a folder of images (recursive) or one image.")
+flags.DEFINE_string(
+    "calibration", None,
+    "predict: thresholds from `genclip-jax calibrate`, default RUN/calibration.json if present.",
+)
+flags.DEFINE_string(
+    "class", None,
+    "predict: the product class of every image (default: an image's first subfolder under "
+    "--images; none for images directly in it): picks the class's thresholds, and the class "
+    "name for methods that use it (GenCLIP).",
+)
+flags.DEFINE_enum(
+    "format", "csv", ["csv", "jsonl"],
+    "predict: scores.csv, or scores.jsonl with one object per image (path, class, score, "
+    "threshold, decision, defect area, boxes of the defect regions).",
+)
+flags.DEFINE_string(
+    "normal", None,
+    "calibrate: normal images: a folder (one subfolder per class, or flat: one class), a "
+    "good/defect folder layout (its good images), or a dataset root with meta.json (the good "
+    "images of its train split).",
+)
+flags.DEFINE_string(
+    "anomalous", None,
+    "calibrate: labelled images for F1-optimal thresholds: a dataset root with meta.json (its "
+    "test split, labels and masks), a good/defect folder layout, or a folder of defective images.",
+)
 flags.DEFINE_string(
     "out", None,
-    "eval: output folder, default RUN/eval/<name of the test root>; predict: output folder, "
+    "eval: output folder, default RUN/eval/<name of the test root>; calibrate: the calibration "
+    "file, default RUN/calibration.json; predict: output folder, "
     "default RUN/predict; convert: the params export folder; make-meta: the meta.json to write, "
     "default ROOT/meta.json; synthetic: the dataset folder.",
 )
@@ -116,6 +149,7 @@ flags.DEFINE_enum(
 flags.DEFINE_bool(
     "overwrite", False,
     "convert: replace an existing output directory; make-meta: replace an existing meta.json; "
+    "calibrate: replace an existing calibration file; "
     "synthetic: write into a non-empty folder.",
 )
 flags.DEFINE_integer(
@@ -190,11 +224,22 @@ def _eval() -> None:
     evaluate.evaluate(_config(), FLAGS.workdir, out=FLAGS.out)
 
 
+def _calibrate() -> None:
+    from genclip_jax import calibrate
+
+    _require("workdir", "normal")
+    calibrate.calibrate(_config(), FLAGS.workdir, FLAGS.normal, FLAGS.anomalous, FLAGS.out,
+                        overwrite=FLAGS.overwrite)
+
+
 def _predict() -> None:
     from genclip_jax import predict
 
     _require("workdir", "images")
-    print(predict.predict_folder(_config(), FLAGS.workdir, FLAGS.images, FLAGS.out))
+    print(predict.predict_folder(
+        _config(), FLAGS.workdir, FLAGS.images, FLAGS.out, calibration=FLAGS.calibration,
+        class_name=FLAGS["class"].value, output_format=FLAGS.format,
+    ))
 
 
 def _convert(args: list[str]) -> None:
@@ -342,7 +387,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _run_command(argv: list[str]) -> None:
     args = argv[1:]
-    handlers = {"train": _train, "eval": _eval, "predict": _predict, "make-meta": _make_meta,
+    handlers = {"train": _train, "eval": _eval, "calibrate": _calibrate, "predict": _predict,
+                "make-meta": _make_meta,
                 "synthetic": _synthetic, "demo": _demo, "ablate": _ablate}
     if _command != "convert" and args:
         raise app.UsageError(f"{_command}: unexpected arguments {args}")

@@ -6,23 +6,21 @@ import pathlib
 
 import numpy as np
 
-from genclip_jax import checkpoint
+from genclip_jax import checkpoint, torch_pickle
 from genclip_jax.prompts import anomalyclip
 
 
 def read_torch_state_dict(path: str, key: str) -> dict[str, np.ndarray]:
-    """`torch.load(path)[key]` on CPU as float32 numpy arrays."""
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(f"{path}: reading a .pth needs torch (pip install torch)") from err
+    """`torch.load(path)[key]` as float32 numpy arrays, read without torch (`torch_pickle`)."""
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch_pickle.load(path)
     if not isinstance(obj, dict) or key not in obj:
         found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with the key {key!r}, got {found}")
-    return {k: v.detach().float().numpy() for k, v in obj[key].items()}
+    if not isinstance(obj[key], dict):
+        raise ValueError(f"{path}: {key}: expected a state dict, got {type(obj[key]).__name__}")
+    return {k: np.asarray(v, np.float32) for k, v in obj[key].items()}
 
 
 def convert_anomalyclip(pth: str) -> tuple[dict, dict]:

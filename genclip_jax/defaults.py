@@ -132,6 +132,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.heatmaps_per_class = 4
     c.eval.params = ""  # params-only checkpoint dir (convert output); empty: latest in workdir
 
+    # `genclip-jax calibrate`: thresholds from normal images (and labelled defects, if given).
+    c.calibrate = ml_collections.ConfigDict()
+    c.calibrate.image_fpr = 0.01  # target false-alarm rate of the image threshold
+    c.calibrate.pixel_fpr = 0.001  # target false-positive rate of the pixel threshold
+    c.calibrate.policy = "fpr"  # or "f1" (needs --anomalous): which thresholds decide
+    c.calibrate.min_images = 10  # normal images a class needs for thresholds of its own
+    c.calibrate.allow_fallback = False  # fewer: the global thresholds (else an error)
+    c.calibrate.display_quantile = 0.999  # heatmap range top: this quantile of all pixels
+    c.calibrate.outlier_quantile = 0.999  # a "normal" image above this quantile of the rest
+    c.calibrate.outlier_iqr = 1.5  # ... plus this many interquartile ranges is reported
+
     c.parallel = ml_collections.ConfigDict()
     c.parallel.num_devices = 0  # 0: every device of every host; n: the first n (one host only)
     c.parallel.multihost = False  # call jax.distributed.initialize()

@@ -177,20 +177,20 @@ def image_embeddings(
 def adapt_to_classes(
     config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset,
     entries: Sequence[dict],
-) -> dict:
-    """The method's adaptation to the test classes (GenCLIP: class-name filtering).
-
-    The image embeddings pass runs only if the method asks for a class's images.
+) -> Model:
+    """`model` with its method's adaptation to the test classes (GenCLIP: class-name
+    filtering) for `predictions`. The image embeddings pass runs only if the method asks for a
+    class's images.
     """
     names = np.array([e["cls_name"] for e in entries])
     embeddings = functools.cache(lambda: image_embeddings(config, model, dataset))
     decisions = model.method.prepare_eval(
-        model.clip_params, [str(n) for n in dict.fromkeys(names)],
+        model.clip_params, [str(n) for n in dict.fromkeys(names) if n],
         lambda cls: embeddings()[names == cls],
     )
     for name, decision in decisions.items():
         logging.info("class %s: %s", name, decision)
-    return decisions
+    return dataclasses.replace(model, adaptation=decisions)
 
 
 def class_rows(
@@ -229,16 +229,18 @@ def write_heatmaps(
     results: dict[str, np.ndarray],
     per_class: int,
 ) -> list[pathlib.Path]:
-    """The first `per_class` images of each class, maps scaled by the class's value range; files
-    named by `heatmaps.panel_names` (unique per input path)."""
+    """The first `per_class` images of each class, every map on the value range of the whole set
+    (in range.json beside them) so that panels compare across classes; files named by
+    `heatmaps.panel_names` (unique per input path)."""
     names = np.array([e["cls_name"] for e in entries])
     panels = heatmaps.panel_names([e["img_path"] for e in entries])
-    written = []
     size = results["anomaly_map"].shape[-1]
+    value_range = (float(results["anomaly_map"].min()), float(results["anomaly_map"].max()))
+    written = [write_atomic(out_dir / "range.json", json.dumps(
+        {"value_range": list(value_range),
+         "note": "every panel of this set shows the map on this range"}) + "\n")]
     for cls in dict.fromkeys(names):
         idx = np.flatnonzero(names == cls)
-        maps = results["anomaly_map"][idx]
-        value_range = (float(maps.min()), float(maps.max()))
         for i in idx[:per_class]:
             image = pipeline.image_transform(dataset.read(int(i)).image, size)
             written.append(heatmaps.save_panel(
@@ -328,8 +330,7 @@ def evaluate(
     if params is None and not config.eval.params:  # before the backbone is loaded
         run_dir.RunDir(workdir).check_readable(config)
     model = load_model(config, workdir, params)
-    decisions = adapt_to_classes(config, model, target.dataset, target.entries)
-    model = dataclasses.replace(model, adaptation=decisions)
+    model = adapt_to_classes(config, model, target.dataset, target.entries)
     results = predict_dataset(config, model, target.dataset)
     rows = class_rows(target.entries, results, config)
     write_results(config, model, target, rows, results)

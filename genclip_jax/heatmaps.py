@@ -9,7 +9,7 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from genclip_jax.files import write_atomic
 
@@ -103,15 +103,42 @@ def panel_names(img_paths: Sequence[str]) -> list[str]:
     return names
 
 
+def colour_bar(height: int, value_range: tuple[float, float], width: int = 64) -> np.ndarray:
+    """(height, width, 3) uint8: the colour scale, high values on top, with the range's ends
+    written beside it, so that panels on one fixed range can be compared by eye."""
+    ramp = colourize(np.linspace(1.0, 0.0, height))[:, None, :]
+    bar = np.full((height, width, 3), 255, np.uint8)
+    bar[:, : width // 3] = ramp
+    image = Image.fromarray(bar)
+    draw = ImageDraw.Draw(image)
+    draw.text((width // 3 + 2, 0), f"{value_range[1]:.3g}", fill=(0, 0, 0))
+    draw.text((width // 3 + 2, height - 12), f"{value_range[0]:.3g}", fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+def caption(panel: np.ndarray, text: str, colour: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """`panel` with a white band below holding one line of `text`."""
+    band = Image.new("RGB", (panel.shape[1], 16), (255, 255, 255))
+    ImageDraw.Draw(band).text((4, 2), text, fill=colour)
+    return np.concatenate([panel, np.asarray(band)], axis=0)
+
+
 def save_panel(
     path: str | os.PathLike,
     image: np.ndarray,
     anomaly_map: np.ndarray,
     mask: np.ndarray | None = None,
     value_range: tuple[float, float] | None = None,
+    text: str | None = None,
+    text_colour: tuple[int, int, int] = (0, 0, 0),
 ) -> pathlib.Path:
-    """Writes [image | overlay] side by side as a PNG (atomically); returns the path."""
+    """Writes [image | overlay] side by side as a PNG (atomically); returns the path. With a
+    fixed `value_range`, a colour bar of it follows; `text` goes on a band below."""
     panel = np.concatenate([image, overlay(image, anomaly_map, mask, value_range)], axis=1)
+    if value_range is not None:
+        panel = np.concatenate([panel, colour_bar(panel.shape[0], value_range)], axis=1)
+    if text is not None:
+        panel = caption(panel, text, text_colour)
     buffer = io.BytesIO()
     Image.fromarray(panel).save(buffer, format="PNG")
     return write_atomic(path, buffer.getvalue())

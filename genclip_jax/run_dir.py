@@ -5,6 +5,7 @@
     RUN/logs/              TensorBoard events of `train`
     RUN/eval/<target>/     default output of `eval`: one folder per test root, replaced whole
     RUN/predict/           default output of `predict`
+    RUN/calibration.json   thresholds of `calibrate` (its only file; atomic)
 
 `eval` and `predict` only read a run (checkpoints through a read-only Orbax manager) and write
 their own output folder, so they work beside a live training and, given `--out`, on a read-only
@@ -19,6 +20,7 @@ output, parallelism, logging).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +61,11 @@ TRAINING_FIELDS: tuple[str, ...] = (
     "genclip.image_loss_weight", "genclip.query_loss_weight",
 )
 
+# What a model's scores depend on besides its checkpoint: every model and inference knob.
+SCORE_FIELDS: tuple[str, ...] = (
+    *MODEL_FIELDS, "model", "prompts", "anomalyclip", "genclip", "eval.params",
+)
+
 _ABSENT = "<absent>"
 
 
@@ -71,6 +78,15 @@ def config_to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dic
 
 def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
     return traverse_util.flatten_dict(dict(tree), sep=".")
+
+
+def config_hash(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+    """A short digest of the `SCORE_FIELDS` of `config`: equal hashes give the same scores, so
+    thresholds calibrated under one hold under the other."""
+    fields = {k: v for k, v in sorted(_flat(config_to_dict(config)).items())
+              if _covered(k, SCORE_FIELDS)}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _covered(name: str, fields: Sequence[str]) -> bool:

@@ -49,6 +49,7 @@ CHOICES: dict[str, Sequence[str]] = {
     "data.train_split": SPLITS,
     "data.test_split": SPLITS,
     "data.missing_mask": MISSING_MASK_RULES,
+    "calibrate.policy": ("fpr", "f1"),
 }
 # Fields whose every element comes from a fixed set (no repeats, at least one).
 LIST_CHOICES: dict[str, Sequence[str]] = {
@@ -58,6 +59,7 @@ POSITIVE_INTS = (
     "model.image_size", "prompts.n_ctx", "genclip.state_len", "genclip.gqp_len",
     "train.epochs", "train.batch_size", "train.checkpoint_keep", "train.log_every_steps",
     "eval.batch_size", "parallel.initialization_timeout", "parallel.heartbeat_timeout",
+    "calibrate.min_images",
 )
 NON_NEGATIVE_INTS = (
     "model.dpam_start", "model.vision_heads", "model.text_heads", "prompts.deep_depth",
@@ -70,18 +72,20 @@ POSITIVE_FLOATS = (
 )
 NON_NEGATIVE_FLOATS = (
     "prompts.init_std", "genclip.init_std", "anomalyclip.local_loss_weight",
-    "genclip.image_loss_weight", "genclip.query_loss_weight",
+    "genclip.image_loss_weight", "genclip.query_loss_weight", "calibrate.outlier_iqr",
 )
 UNIT_INTERVAL = (  # [0, 1]
     "genclip.fusion_w", "genclip.image_score_mix", "train.synthetic_fraction",
+    "calibrate.display_quantile", "calibrate.outlier_quantile",
 )
+RATES = ("calibrate.image_fpr", "calibrate.pixel_fpr")  # (0, 1)
 BETAS = ("train.b1", "train.b2")  # [0, 1)
 LAYER_LISTS = {"anomalyclip": "anomalyclip.features_list", "genclip": "genclip.layers"}
 TEMPLATES = (
     "prompts.normal_state", "prompts.abnormal_state", "genclip.normal_state",
     "genclip.abnormal_state", "genclip.cnf.template",
 )
-COMMANDS = ("train", "eval", "predict", "ablate")
+COMMANDS = ("train", "eval", "predict", "ablate", "calibrate")
 # Names a class may not have: the tables' mean row, and what would escape a heatmap folder.
 RESERVED_CLASS_NAMES = (metrics.MEAN_ROW,)
 _CLASS_NAME = re.compile(r"[^/\\\x00-\x1f]+")
@@ -127,6 +131,7 @@ def _number_errors(config: ml_collections.ConfigDict) -> list[str]:
     check(NON_NEGATIVE_FLOATS, lambda v: v >= 0, "a finite number >= 0")
     check(UNIT_INTERVAL, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     check(BETAS, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    check(RATES, lambda v: 0 < v < 1, "a rate in (0, 1)")
     return errors
 
 

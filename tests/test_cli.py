@@ -47,8 +47,8 @@ def test_an_unknown_command_prints_the_usage():
     result = _cli("fit")
     assert result.returncode == 2
     assert result.stderr.startswith("genclip-jax: expected a command, got 'fit'\n\n")
-    assert ("usage: genclip-jax {train,eval,predict,convert,make-meta,synthetic,demo,ablate}"
-            in result.stderr)
+    assert ("usage: genclip-jax {train,eval,calibrate,predict,convert,make-meta,synthetic,demo,"
+            "ablate}" in result.stderr)
     assert f"  make-meta  {cli.COMMANDS['make-meta'].summary}\n" in result.stderr
 
 
@@ -58,7 +58,8 @@ def test_help_lists_every_command_with_a_summary_and_an_example(flag):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == (
-        "usage: genclip-jax {train,eval,predict,convert,make-meta,synthetic,demo,ablate} [flags]"
+        "usage: genclip-jax {train,eval,calibrate,predict,convert,make-meta,synthetic,demo,ablate}"
+        " [flags]"
     )
     for name, command in cli.COMMANDS.items():
         summary = lines.index(f"  {name:<9}  {command.summary}")
@@ -71,7 +72,8 @@ def test_help_lists_every_command_with_a_summary_and_an_example(flag):
 COMMAND_FLAGS = {
     "train": ["config", "workdir", "profile"],
     "eval": ["config", "workdir", "out", "profile"],
-    "predict": ["config", "workdir", "images", "out", "profile"],
+    "calibrate": ["config", "workdir", "normal", "anomalous", "out", "overwrite", "profile"],
+    "predict": ["config", "workdir", "images", "calibration", "class", "format", "out", "profile"],
     "convert": ["pth", "out", "overwrite"],
     "make-meta": ["dataset", "root", "out", "overwrite", "test-fraction", "seed"],
     "synthetic": ["out", "seed", "overwrite", "layout"],
@@ -104,7 +106,7 @@ def test_help_needs_no_other_flag_and_every_spelling_works(capsys):
         out = capsys.readouterr().out
         assert out.startswith("usage: genclip-jax eval [flags]\n"), argv
         assert ("  --out      eval: output folder, default RUN/eval/<name of the test root>; "
-                "predict: output\n") in out
+                "calibrate: the\n") in out
 
 
 @pytest.fixture

@@ -10,45 +10,39 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
+from make_torch_goldens import (
+    AC_DEEP_LENGTH,
+    AC_DEPTH,
+    AC_N_CTX,
+    AC_PROJECTION,
+    AC_WIDTH,
+    OUT,
+    reference,
+)
 from train_helpers import subprocess_env, tiny_config, write_dataset
 
 from genclip_jax import convert, evaluate, parallel
 from genclip_jax.clip.model import CLIPConfig
 from genclip_jax.methods import create_method
 
-N_CTX, DEPTH, DEEP_LENGTH, PROJECTION = 12, 9, 4, 896  # the official shapes (spec §3.2)
-
-
-def official_state_dict(width: int) -> dict[str, torch.Tensor]:
-    """Every key of an official AnomalyCLIP `prompt_learner` state dict, random values."""
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.02
-    state = {"ctx_pos": rand(1, 1, N_CTX, width), "ctx_neg": rand(1, 1, N_CTX, width)}
-    for i in range(DEPTH - 1):
-        state[f"compound_prompts_text.{i}"] = rand(DEEP_LENGTH, width)
-        state[f"compound_prompt_projections.{i}.weight"] = rand(PROJECTION, width)
-        state[f"compound_prompt_projections.{i}.bias"] = rand(PROJECTION)
-    for side in ("pos", "neg"):
-        state[f"token_prefix_{side}"] = rand(1, 1, 1, width)
-        state[f"token_suffix_{side}"] = rand(1, 1, 77 - 1 - N_CTX, width)
-        state[f"tokenized_prompts_{side}"] = torch.zeros(1, 77, dtype=torch.long)
-    return state
+# The golden official-format checkpoint (spec §3.2 keys) at the tiny config's text width.
+PTH = OUT / "anomalyclip_epoch_15.pth"
+N_CTX, DEPTH, DEEP_LENGTH = AC_N_CTX, AC_DEPTH, AC_DEEP_LENGTH
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """(state dict, params export dir) via the CLI, at the tiny config's text width."""
+    """(the checkpoint's tensors as torch held them, params export dir) via the CLI."""
     tmp = tmp_path_factory.mktemp("convert")
-    width = tiny_config(tmp).model.random_arch.text_width
-    state = official_state_dict(width)
-    torch.save({"prompt_learner": state}, tmp / "epoch_15.pth")
+    assert tiny_config(tmp).model.random_arch.text_width == AC_WIDTH
     out = tmp / "params"
     subprocess.run(
-        [sys.executable, "-m", "genclip_jax.cli", "convert", "anomalyclip",
-         f"--pth={tmp / 'epoch_15.pth'}", f"--out={out}"],
+        [sys.executable, "-m", "genclip_jax.cli", "convert", "anomalyclip", f"--pth={PTH}",
+         f"--out={out}"],
         check=True, env=subprocess_env(), capture_output=True,
     )
+    state = {k.split(".", 1)[1]: v for k, v in reference().items()
+             if k.startswith("anomalyclip.")}
     return state, out
 
 
@@ -73,9 +67,9 @@ def test_eval_runs_on_the_converted_params(converted, tmp_path, monkeypatch):
     assert list(rows) == ["disc"] and (out / "metrics.json").is_file()
     assert json.loads((out / "eval.json").read_text())["model"] == str(params_dir)
     params = jax.device_get(models[0].params)
-    np.testing.assert_array_equal(params["ctx_pos"], state["ctx_pos"].numpy()[0, 0])
-    np.testing.assert_array_equal(params["ctx_neg"], state["ctx_neg"].numpy()[0, 0])
-    deep = np.stack([state[f"compound_prompts_text.{i}"].numpy() for i in range(DEPTH - 1)])
+    np.testing.assert_array_equal(params["ctx_pos"], state["ctx_pos"][0, 0])
+    np.testing.assert_array_equal(params["ctx_neg"], state["ctx_neg"][0, 0])
+    deep = np.stack([state[f"compound_prompts_text.{i}"] for i in range(DEPTH - 1)])
     np.testing.assert_array_equal(params["deep_prompts"], deep)
 
 
@@ -100,7 +94,24 @@ def test_prompt_shapes_that_do_not_fit_the_config_name_the_fields_to_set(convert
 
 
 def test_a_pth_without_prompt_learner_is_refused(tmp_path):
-    torch.save({"state_dict": {}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match=r"other\.pth: expected a dict with the key "
-                       r"'prompt_learner', got \['state_dict'\]"):
-        convert.convert("anomalyclip", str(tmp_path / "other.pth"), str(tmp_path / "out"))
+    other = OUT / "openai_tiny_wrapped.pth"  # {"state_dict": ..., "epoch": 3}
+    with pytest.raises(ValueError, match=r"openai_tiny_wrapped\.pth: expected a dict with the "
+                       r"key 'prompt_learner', got \['epoch', 'state_dict'\]"):
+        convert.convert("anomalyclip", str(other), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_reads_every_official_key_without_torch():
+    """All spec §3.2 keys come back with their shapes and dtypes, the unused projections too."""
+    state = convert.read_torch_state_dict(str(PTH), "prompt_learner")
+    expected = {"ctx_pos": (1, 1, N_CTX, AC_WIDTH), "ctx_neg": (1, 1, N_CTX, AC_WIDTH)}
+    for i in range(DEPTH - 1):
+        expected[f"compound_prompts_text.{i}"] = (DEEP_LENGTH, AC_WIDTH)
+        expected[f"compound_prompt_projections.{i}.weight"] = (AC_PROJECTION, AC_WIDTH)
+        expected[f"compound_prompt_projections.{i}.bias"] = (AC_PROJECTION,)
+    for side in ("pos", "neg"):
+        expected[f"token_prefix_{side}"] = (1, 1, 1, AC_WIDTH)
+        expected[f"token_suffix_{side}"] = (1, 1, 77 - 1 - N_CTX, AC_WIDTH)
+        expected[f"tokenized_prompts_{side}"] = (1, 77)
+    assert {k: v.shape for k, v in state.items()} == expected
+    assert all(v.dtype == np.float32 for v in state.values())

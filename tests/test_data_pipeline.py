@@ -4,6 +4,7 @@ import threading
 
 import numpy as np
 import pytest
+from make_torch_goldens import PIPELINE_SIZE, reference
 from PIL import Image
 
 from genclip_jax.data import pipeline, synthetic
@@ -26,39 +27,23 @@ def root(tmp_path_factory):
     return root
 
 
-def _reference(image_path, mask_path, size):
-    """specs §1 written out with PIL and torch's ToTensor/Normalize arithmetic."""
-    torch = pytest.importorskip("torch")
-    image = Image.open(image_path).resize((size, size), Image.BICUBIC).convert("RGB")
-    t = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(pipeline.CLIP_MEAN.tolist())[:, None, None]
-    std = torch.tensor(pipeline.CLIP_STD.tolist())[:, None, None]
-    t = t.sub(mean).div(std)
-    if mask_path is None:
-        mask = np.zeros((size, size), np.float32)
-    else:
-        m = np.asarray(Image.open(mask_path).convert("L")) > 0
-        m = Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-        m = torch.from_numpy(np.asarray(m).copy()).float().div(255)
-        mask = np.where(m.numpy() > 0.5, 1.0, 0.0).astype(np.float32)
-    return t.permute(1, 2, 0).numpy(), mask
-
-
-def test_load_matches_reference_transform_exactly(root):
-    dataset = pipeline.Dataset.from_meta(root)
-    for i in (0, 3):  # a good image and a defect
-        sample = dataset.load(i, S)
-        raw = dataset.read(i)
-        mask_path = None
-        if raw.label:
-            mask_path = root / raw.img_path.replace("/test/", "/ground_truth/").replace(
-                ".png", "_mask.png"
-            )
-        ref_image, ref_mask = _reference(root / raw.img_path, mask_path, S)
-        np.testing.assert_array_equal(sample["image"], ref_image)
-        np.testing.assert_array_equal(sample["mask"], ref_mask)
-        assert sample["image"].dtype == np.float32 and sample["image"].shape == (S, S, 3)
-    assert dataset.load(3, S)["mask"].sum() > 0
+def test_load_matches_reference_transform_exactly(tmp_path):
+    """specs §1 as PIL + torch's ToTensor/Normalize computed it (tests/make_torch_goldens.py)
+    for a non-square image and its mask, through `Dataset.load`: bit-identical."""
+    ref = reference()
+    Image.fromarray(ref["pipeline.image"]).save(tmp_path / "img.png")
+    Image.fromarray(ref["pipeline.mask"].astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    entries = [dict(img_path=path, mask_path=mask, cls_name="c", specie_name=kind,
+                    anomaly=int(bool(mask)))
+               for path, mask, kind in (("img.png", "", "good"), ("img.png", "mask.png", "x"))]
+    dataset = pipeline.Dataset.from_entries(tmp_path, entries)
+    size = PIPELINE_SIZE
+    assert 0 < ref["pipeline.ref_mask"].sum() < size * size  # the mask survives the resize
+    for i, want_mask in ((0, np.zeros((size, size), np.float32)), (1, ref["pipeline.ref_mask"])):
+        sample = dataset.load(i, size)
+        assert sample["image"].dtype == np.float32 and sample["image"].shape == (size, size, 3)
+        np.testing.assert_array_equal(sample["image"], ref["pipeline.ref_image"])
+        np.testing.assert_array_equal(sample["mask"], want_mask)
 
 
 def _save(tmp_path, name, image):

@@ -103,7 +103,7 @@ def test_predict_skips_unreadable_files_with_one_warning(data_root, tmp_path, mo
                     for p in (tmp_path / "out" / "heatmaps").rglob("*.png"))
     assert panels == [f"heatmaps/{name}" for name in readable]
     panel = np.asarray(Image.open(tmp_path / "out" / "heatmaps" / "img0.png"))
-    assert panel.shape == (112, 224, 3)
+    assert panel.shape == (112, 224 + 64, 3)  # image, overlay, colour bar of the run's range
     np.testing.assert_array_equal(  # the left half is the image exactly as the model saw it
         panel[:, :112], np.asarray(Image.open(tmp_path / "images" / "img0.png").convert("RGB"))
     )

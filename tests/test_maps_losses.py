@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fixtures import load_fixture, parametrize_fixtures
+from make_torch_goldens import UPSAMPLE_SIZES, reference
 
 from genclip_jax import losses, maps
 
@@ -200,15 +201,15 @@ def test_patch_probabilities_properties():
 
 
 def test_upsample_matches_torch_bilinear():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1)
-    x = rng.random((2, 7, 5, 3)).astype(np.float32)
-    for size in [(16, 11), (37, 37), (4, 3), (7, 5)]:
+    """= F.interpolate(bilinear, align_corners=False), stored by tests/make_torch_goldens.py."""
+    ref = reference()
+    x = ref["upsample.x"]
+    for size in UPSAMPLE_SIZES:
         got = jax.jit(maps.upsample, static_argnums=1)(jnp.asarray(x), size)
-        want = torch.nn.functional.interpolate(
-            torch.from_numpy(x).permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False
-        ).permute(0, 2, 3, 1)
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-6, err_msg=str(size))
+        want = ref[f"upsample.{size[0]}x{size[1]}"]
+        assert want.shape == (x.shape[0], *size, x.shape[-1])
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(size))
+    rng = np.random.default_rng(1)
     probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, 6, 6, 2))), axis=-1)
     np.testing.assert_allclose(maps.upsample(probs, 20).sum(-1), 1.0, atol=1e-6)
 

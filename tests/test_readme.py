@@ -92,3 +92,19 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(list((root / "target" / "disc" / "test").rglob("*.png")))
     assert all((root / "predictions" / r["heatmap"]).is_file() for r in rows)
+
+    # Decide good or bad: calibrate on the target's good images, then predict with decisions.
+    commands = _block_after("<!-- tests/test_readme.py runs this block after the one above")
+    assert [c.split()[1] for c in commands] == ["calibrate", "predict", "predict"]
+    _run(commands, {"/tmp/genclip_try": str(root)})
+    calibration = json.loads((run / "calibration.json").read_text())
+    threshold = calibration["classes"]["disc"]["image_threshold"]
+    with (root / "decisions" / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["class"] == "disc" for r in rows)
+    for r in rows:
+        assert r["decision"] == ("anomalous" if float(r["image_score"]) >= threshold else "normal")
+        assert (root / "decisions" / r["mask"]).is_file()
+    [record] = [json.loads(line) for line in
+                (root / "one_part" / "scores.jsonl").read_text().splitlines()]
+    assert record["image"] == "000.png" and record["decision"] in ("normal", "anomalous")

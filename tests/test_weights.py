@@ -1,8 +1,10 @@
-"""Checkpoint loading from every real format, on tiny random checkpoints written here.
+"""Checkpoint loading from every real format, on tiny random checkpoints.
 
-References: transformers' PyTorch `CLIPModel` (HF safetensors / pytorch_model.bin / Flax msgpack
-layouts), the golden fixture's OpenAI-named weights (torch.save, TorchScript, state_dict wrapper,
-`CLIP_CACHE` name lookup) and the published OpenAI architectures (shape-only state dicts).
+References (tests/data/torch_goldens, written by tests/make_torch_goldens.py, so no torch here):
+transformers' PyTorch `CLIPModel` features and its HF safetensors / pytorch_model.bin / Flax
+msgpack files, an OpenAI-named state dict written by torch.save (plain, `state_dict` wrapper,
+TorchScript, `CLIP_CACHE` name lookup), and the published OpenAI architectures (shape-only state
+dicts).
 """
 
 from __future__ import annotations
@@ -21,16 +23,29 @@ import numpy as np
 import pytest
 from fixtures import fixture_paths, load_sidecar
 from flax import traverse_util
+from make_torch_goldens import (
+    HF_CONTEXT,
+    HF_IMAGE,
+    HF_PATCH,
+    HF_PROJECTION,
+    HF_TEXT,
+    HF_VISION,
+    HF_VOCAB,
+    OPENAI_HEADS,
+    OPENAI_SPEC,
+    OUT,
+    openai_state_shapes,
+    reference,
+)
+from safetensors.numpy import load_file, save_file
 
+from genclip_jax import torch_pickle
 from genclip_jax.clip import weights
 from genclip_jax.clip.model import CLIP
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-VOCAB, CONTEXT, IMAGE, PATCH = 100, 16, 56, 14
-EOS, BOS = VOCAB - 1, VOCAB - 2  # EOT = the largest id, so OpenAI's argmax pooling finds it
-HF_VISION_FC1_3 = "vision_model.encoder.layers.3.mlp.fc1.weight"  # = resblocks.3.mlp.c_fc.weight
+HF_FILES = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin",
+            "msgpack": "flax_model.msgpack"}
+HF_VISION_FC1_1 = "vision_model.encoder.layers.1.mlp.fc1.weight"  # = resblocks.1.mlp.c_fc.weight
 
 
 def parity(got, ref) -> tuple[float, float]:
@@ -66,109 +81,38 @@ def our_features(config, params, images_nchw, ids):
             np.asarray(text(params, ids.astype(np.int32))))
 
 
-def projected(out, dim: int) -> np.ndarray:
-    """get_*_features' result: a tensor (transformers 4) or an output object whose
-    `pooler_output` holds the projected features (transformers 5)."""
-    if not isinstance(out, torch.Tensor):
-        out = out.pooler_output
-    out = out.detach().numpy()
-    assert out.shape[-1] == dim, f"expected projected features of size {dim}, got {out.shape}"
-    return out
-
-
 # --------------------------------------------------------------------------- HF reference
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    """A tiny random transformers CLIPModel saved in three layouts, plus reference features."""
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=CONTEXT, eos_token_id=EOS,
-            bos_token_id=BOS, pad_token_id=0, hidden_act="quick_gelu",
-        ),
-        vision_config=dict(
-            hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-            image_size=IMAGE, patch_size=PATCH, hidden_act="quick_gelu",
-        ),
-        projection_dim=16,
-    )
-    model = transformers.CLIPModel(config).eval()
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((2, 3, IMAGE, IMAGE)).astype(np.float32)
-    ids = np.zeros((3, CONTEXT), np.int64)
-    for row, eot in enumerate((5, 1, CONTEXT - 1)):  # EOT early, right after SOT, and last
-        ids[row, 0], ids[row, eot] = BOS, EOS
-        ids[row, 1:eot] = rng.integers(1, BOS, eot - 1)
-    # HF pools at the first eos_token_id (or argmax for legacy configs), ours at the argmax.
-    assert (ids == EOS).argmax(-1).tolist() == ids.argmax(-1).tolist()
-
-    with torch.no_grad():
-        ref_image = projected(model.get_image_features(pixel_values=torch.from_numpy(images)), 16)
-        ref_text = projected(model.get_text_features(input_ids=torch.from_numpy(ids)), 16)
-        both = model(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(images))
-    # get_*_features are the projected, unnormalised embeddings of the full forward.
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    np.testing.assert_allclose(unit(ref_image), both.image_embeds.numpy(), atol=1e-5)
-    np.testing.assert_allclose(unit(ref_text), both.text_embeds.numpy(), atol=1e-5)
-
+    """The golden tiny transformers CLIPModel, one folder per weight layout, with the features
+    PyTorch computed from it."""
     root = tmp_path_factory.mktemp("hf")
-    dirs = {name: root / name for name in ("safetensors", "bin", "msgpack")}
-    model.save_pretrained(dirs["safetensors"])  # transformers 5 writes only safetensors
-    assert (dirs["safetensors"] / "model.safetensors").is_file()
-    for name in ("bin", "msgpack"):
-        dirs[name].mkdir()
-        shutil.copy(dirs["safetensors"] / "config.json", dirs[name])
-    torch.save(sd, dirs["bin"] / "pytorch_model.bin")  # the legacy HF layout: a torch.save'd dict
-    write_hf_flax_msgpack(model, dirs["msgpack"] / "flax_model.msgpack")
-    return dict(model=model, sd=sd, dirs=dirs, images=images, ids=ids,
-                ref_image=ref_image, ref_text=ref_text, root=root)
-
-
-def write_hf_flax_msgpack(model, path: pathlib.Path) -> None:
-    """Writes the layout FlaxCLIPModel used: nested dicts, Dense kernel (in, out), Conv kernel
-    HWIO, LayerNorm scale, Embed embedding; bare parameters (class_embedding, logit_scale) as is."""
-    from flax.serialization import msgpack_serialize
-
-    tree: dict = {}
-
-    def put(name: str, value: torch.Tensor) -> None:
-        *parents, leaf = name.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value.detach().numpy().copy()
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            put(f"{name}.kernel", module.weight.T)
-        elif isinstance(module, torch.nn.Conv2d):
-            put(f"{name}.kernel", module.weight.permute(2, 3, 1, 0))
-        elif isinstance(module, torch.nn.LayerNorm):
-            put(f"{name}.scale", module.weight)
-        elif isinstance(module, torch.nn.Embedding):
-            put(f"{name}.embedding", module.weight)
-        else:
-            continue
-        if getattr(module, "bias", None) is not None:
-            put(f"{name}.bias", module.bias)
-    put("vision_model.embeddings.class_embedding", model.vision_model.embeddings.class_embedding)
-    put("logit_scale", model.logit_scale)
-    path.write_bytes(msgpack_serialize(tree))
+    dirs = {}
+    for layout, name in HF_FILES.items():
+        dirs[layout] = root / layout
+        dirs[layout].mkdir()
+        for file in ("config.json", name):
+            shutil.copy(OUT / "hf" / file, dirs[layout])
+    ref = reference()
+    return dict(sd=load_file(str(OUT / "hf" / "model.safetensors")), dirs=dirs,
+                images=ref["hf.images"], ids=ref["hf.ids"], ref_image=ref["hf.ref_image"],
+                ref_text=ref["hf.ref_text"])
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "bin", "msgpack"])
 def test_hf_features_match_transformers(hf, layout):
     """Standard CLIP (no DPAM, ln_post on CLS) = get_image_features / get_text_features."""
     config, params = weights.load(str(hf["dirs"][layout]), dpam_start=0, global_mode="clip")
-    assert (config.vision_layers, config.vision_width, config.vision_heads) == (4, 64, 4)
-    assert (config.text_layers, config.text_width, config.text_heads) == (2, 32, 4)
-    assert (config.image_resolution, config.vision_patch_size, config.embed_dim) == (56, 14, 16)
-    assert (config.context_length, config.vocab_size) == (CONTEXT, VOCAB)
+    vision, text = HF_VISION, HF_TEXT
+    assert (config.vision_layers, config.vision_width, config.vision_heads) == (
+        vision["num_hidden_layers"], vision["hidden_size"], vision["num_attention_heads"])
+    assert (config.text_layers, config.text_width, config.text_heads) == (
+        text["num_hidden_layers"], text["hidden_size"], text["num_attention_heads"])
+    assert (config.image_resolution, config.vision_patch_size, config.embed_dim) == (
+        HF_IMAGE, HF_PATCH, HF_PROJECTION)
+    assert (config.context_length, config.vocab_size) == (HF_CONTEXT, HF_VOCAB)
     image, text = our_features(config, params, hf["images"], hf["ids"])
     for name, got, ref in (("image", image, hf["ref_image"]), ("text", text, hf["ref_text"])):
         err, tol = parity(got, ref)
@@ -183,38 +127,38 @@ def test_hf_layouts_give_identical_params(hf):
 
 def test_flax_msgpack_reader_inverts_the_hf_flax_layout(hf):
     got = weights._hf_from_flax_msgpack(hf["dirs"]["msgpack"] / "flax_model.msgpack")
-    want = {k: v.numpy() for k, v in hf["sd"].items() if not k.endswith("position_ids")}
+    want = {k: v for k, v in hf["sd"].items() if not k.endswith("position_ids")}
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def test_pytorch_model_bin_is_what_transformers_reads(hf):
-    """Our legacy `.bin` is a genuine HF checkpoint: transformers loads it back unchanged."""
-    again = transformers.CLIPModel.from_pretrained(hf["dirs"]["bin"]).state_dict()
+def test_pytorch_model_bin_holds_the_safetensors_tensors(hf):
+    """The torch.save'd `.bin` (which transformers reads back unchanged: checked when it was
+    written) gives, without torch, exactly the tensors of the safetensors file."""
+    got = torch_pickle.load(hf["dirs"]["bin"] / "pytorch_model.bin")
+    assert sorted(got) == sorted(hf["sd"])
     for k, v in hf["sd"].items():
-        assert torch.equal(again[k], v), k
+        assert got[k].dtype == v.dtype == np.float32, k
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
 def test_single_hf_files_load(hf):
     """A bare weight file (no directory) works too, heads from the config.json beside it."""
     want = weights.load(str(hf["dirs"]["safetensors"]))[1]
-    for layout, name in (("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin"),
-                         ("msgpack", "flax_model.msgpack")):
+    for layout, name in HF_FILES.items():
         config, params = weights.load(str(hf["dirs"][layout] / name))
-        assert (config.vision_heads, config.text_heads) == (4, 4)
+        assert (config.vision_heads, config.text_heads) == (2, 2)  # config.json, not width // 64
         assert_same_params(params, want)
 
 
 def test_sharded_safetensors_load(hf, tmp_path):
-    from safetensors.torch import save_file
-
     keys = sorted(hf["sd"])
     half = len(keys) // 2
     shards = {"model-00001-of-00002.safetensors": keys[:half],
               "model-00002-of-00002.safetensors": keys[half:]}
     for name, names in shards.items():
-        save_file({k: hf["sd"][k].contiguous() for k in names}, str(tmp_path / name))
+        save_file({k: hf["sd"][k] for k in names}, str(tmp_path / name))
     index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     shutil.copy(hf["dirs"]["safetensors"] / "config.json", tmp_path)
@@ -223,16 +167,16 @@ def test_sharded_safetensors_load(hf, tmp_path):
 
 
 def test_parity_detects_a_perturbed_weight(hf, tmp_path):
-    """The parity above is not vacuous: one changed entry of resblocks.3's c_fc breaks it."""
+    """The parity above is not vacuous: one changed entry of resblocks.1's c_fc breaks it."""
     sd = dict(hf["sd"])
-    sd[HF_VISION_FC1_3] = sd[HF_VISION_FC1_3].clone()
-    sd[HF_VISION_FC1_3][5, 7] += 3.0  # init std 0.02; clean parity error is ~1e-6
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    shutil.copy(hf["dirs"]["bin"] / "config.json", tmp_path)
+    sd[HF_VISION_FC1_1] = sd[HF_VISION_FC1_1].copy()
+    sd[HF_VISION_FC1_1][5, 7] += 3.0  # init std 0.02; clean parity error is ~1e-6
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    shutil.copy(hf["dirs"]["safetensors"] / "config.json", tmp_path)
     config, params = weights.load(str(tmp_path), global_mode="clip")
-    _, clean = weights.load(str(hf["dirs"]["bin"]), global_mode="clip")
-    diff = np.argwhere(flat(params)["visual/resblocks_3/mlp/c_fc/kernel"]
-                       != flat(clean)["visual/resblocks_3/mlp/c_fc/kernel"])
+    _, clean = weights.load(str(hf["dirs"]["safetensors"]), global_mode="clip")
+    diff = np.argwhere(flat(params)["visual/resblocks_1/mlp/c_fc/kernel"]
+                       != flat(clean)["visual/resblocks_1/mlp/c_fc/kernel"])
     assert diff.tolist() == [[7, 5]]  # (in, out): the transpose of torch's (out, in) entry
     image, text = our_features(config, params, hf["images"], hf["ids"])
     err, tol = parity(image, hf["ref_image"])
@@ -251,7 +195,7 @@ def test_hf_config_with_unsupported_activation_is_refused(hf, tmp_path):
 
 
 def test_hf_missing_and_unexpected_tensors_are_listed(hf):
-    sd = {k: v.numpy() for k, v in hf["sd"].items()}
+    sd = dict(hf["sd"])
     del sd["vision_model.encoder.layers.1.self_attn.k_proj.weight"]
     del sd["text_model.final_layer_norm.bias"]
     sd["vision_model.encoder.layers.0.extra.weight"] = np.zeros(3, np.float32)
@@ -347,8 +291,11 @@ def openai_ref():
     return dict(config=config, params=params, sd=sd, kwargs=kwargs)
 
 
-def torch_sd(sd):
-    return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+@pytest.fixture(scope="module")
+def openai_tiny():
+    """The golden OpenAI-named state dict, loaded from its numpy copy (`.npz` route)."""
+    config, params = weights.load(str(OUT / "openai_tiny.npz"), **OPENAI_HEADS)
+    return dict(config=config, params=params)
 
 
 def test_openai_npz_config_matches_the_fixture(openai_ref):
@@ -362,102 +309,55 @@ def test_openai_npz_config_matches_the_fixture(openai_ref):
     assert config.dpam_start == 6
 
 
-def test_openai_torch_save_state_dict(openai_ref, tmp_path):
-    torch.save(torch_sd(openai_ref["sd"]), tmp_path / "ViT-tiny.pt")
-    config, params = weights.load(str(tmp_path / "ViT-tiny.pt"), **openai_ref["kwargs"])
-    assert config == openai_ref["config"]
-    assert_same_params(params, openai_ref["params"])
+def test_openai_torch_save_state_dict(openai_tiny):
+    config, params = weights.load(str(OUT / "openai_tiny.pt"), **OPENAI_HEADS)
+    assert config == openai_tiny["config"]
+    assert (config.vision_layers, config.vision_width, config.image_resolution) == (
+        OPENAI_SPEC["v_layers"], OPENAI_SPEC["v_width"], OPENAI_SPEC["res"])
+    assert_same_params(params, openai_tiny["params"])
 
 
-def test_openai_state_dict_wrapper_and_module_prefix(openai_ref, tmp_path):
-    wrapped = {"state_dict": {f"module.{k}": v for k, v in torch_sd(openai_ref["sd"]).items()},
-               "epoch": 3}
-    torch.save(wrapped, tmp_path / "ckpt.pth")
-    config, params = weights.load(str(tmp_path / "ckpt.pth"), **openai_ref["kwargs"])
-    assert config == openai_ref["config"]
-    assert_same_params(params, openai_ref["params"])
-
-
-class _OpenAINamed(torch.nn.Module):
-    """A module whose state_dict has OpenAI's names, plus the int buffers OpenAI's JIT archives
-    carry (input_resolution, context_length, vocab_size)."""
-
-    def __init__(self, sd, resolution: int):
-        super().__init__()
-        for name, value in sd.items():
-            *parents, leaf = name.split(".")
-            node = self
-            for p in parents:
-                if not hasattr(node, p):
-                    node.add_module(p, torch.nn.Module())
-                node = getattr(node, p)
-            node.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
-        self.register_buffer("input_resolution", torch.tensor(resolution))
-        self.register_buffer("context_length", torch.tensor(sd["positional_embedding"].shape[0]))
-        self.register_buffer("vocab_size", torch.tensor(sd["token_embedding.weight"].shape[0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.logit_scale.exp()
+def test_openai_state_dict_wrapper_and_module_prefix(openai_tiny):
+    """{"state_dict": {"module." + name: ...}, "epoch": 3}, as DataParallel training saves."""
+    config, params = weights.load(str(OUT / "openai_tiny_wrapped.pth"), **OPENAI_HEADS)
+    assert config == openai_tiny["config"]
+    assert_same_params(params, openai_tiny["params"])
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_openai_torchscript_archive(openai_ref, tmp_path):
-    sd = torch_sd(openai_ref["sd"])
-    traced = torch.jit.trace(_OpenAINamed(sd, openai_ref["config"].image_resolution),
-                             torch.ones(2))
-    torch.jit.save(traced, str(tmp_path / "ViT-tiny-jit.pt"))
-    assert "input_resolution" in torch.jit.load(str(tmp_path / "ViT-tiny-jit.pt")).state_dict()
-    config, params = weights.load(str(tmp_path / "ViT-tiny-jit.pt"), **openai_ref["kwargs"])
-    assert config == openai_ref["config"]
-    assert_same_params(params, openai_ref["params"])
+def test_openai_torchscript_archive(openai_tiny):
+    """The one test that needs torch: TorchScript archives are programs, read by torch.jit."""
+    torch = pytest.importorskip("torch", exc_type=ImportError)  # absent or unusable: skip
+    path = OUT / "openai_tiny_jit.pt"
+    assert "input_resolution" in torch.jit.load(str(path)).state_dict()
+    config, params = weights.load(str(path), **OPENAI_HEADS)
+    assert config == openai_tiny["config"]
+    assert_same_params(params, openai_tiny["params"])
 
 
-def test_openai_name_through_clip_cache(openai_ref, tmp_path, monkeypatch):
+def test_torchscript_without_torch_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    path = OUT / "openai_tiny_jit.pt"
+    with pytest.raises(ImportError) as info:
+        weights.load(str(path), **OPENAI_HEADS)
+    message = str(info.value)
+    for part in (str(path), "TorchScript archive", "needs torch (pip install torch)",
+                 "torch.save state dicts, safetensors", "openai/clip-vit-large-patch14-336"):
+        assert part in message, (part, message)
+
+
+def test_openai_name_through_clip_cache(openai_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CLIP_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError) as info:
         weights.load("ViT-L/14@336px")
     message = str(info.value)
     assert str(tmp_path / "ViT-L-14-336px.pt") in message and "CLIP_CACHE" in message
-    torch.save(torch_sd(openai_ref["sd"]), tmp_path / "ViT-L-14-336px.pt")
-    _, params = weights.load("ViT-L/14@336px", **openai_ref["kwargs"])
-    assert_same_params(params, openai_ref["params"])
+    shutil.copy(OUT / "openai_tiny.pt", tmp_path / "ViT-L-14-336px.pt")
+    _, params = weights.load("ViT-L/14@336px", **OPENAI_HEADS)
+    assert_same_params(params, openai_tiny["params"])
 
 
 # --------------------------------------------------------------------------- architectures
-
-
-def openai_state_shapes(embed, res, v_layers, v_width, patch, t_width, t_layers,
-                        context=77, vocab=49408) -> dict[str, tuple[int, ...]]:
-    """The tensor shapes of OpenAI's `CLIP` module (clip/model.py), written out independently."""
-    shapes = {
-        "visual.class_embedding": (v_width,),
-        "visual.positional_embedding": ((res // patch) ** 2 + 1, v_width),
-        "visual.proj": (v_width, embed),
-        "visual.conv1.weight": (v_width, 3, patch, patch),
-        "visual.ln_pre.weight": (v_width,), "visual.ln_pre.bias": (v_width,),
-        "visual.ln_post.weight": (v_width,), "visual.ln_post.bias": (v_width,),
-        "positional_embedding": (context, t_width),
-        "text_projection": (t_width, embed),
-        "logit_scale": (),
-        "token_embedding.weight": (vocab, t_width),
-        "ln_final.weight": (t_width,), "ln_final.bias": (t_width,),
-        "input_resolution": (), "context_length": (), "vocab_size": (),
-    }
-    for prefix, width, layers in (("visual.transformer", v_width, v_layers),
-                                  ("transformer", t_width, t_layers)):
-        for i in range(layers):
-            b = f"{prefix}.resblocks.{i}"
-            shapes.update({
-                f"{b}.attn.in_proj_weight": (3 * width, width),
-                f"{b}.attn.in_proj_bias": (3 * width,),
-                f"{b}.attn.out_proj.weight": (width, width),
-                f"{b}.attn.out_proj.bias": (width,),
-                f"{b}.ln_1.weight": (width,), f"{b}.ln_1.bias": (width,),
-                f"{b}.mlp.c_fc.weight": (4 * width, width), f"{b}.mlp.c_fc.bias": (4 * width,),
-                f"{b}.mlp.c_proj.weight": (width, 4 * width), f"{b}.mlp.c_proj.bias": (width,),
-                f"{b}.ln_2.weight": (width,), f"{b}.ln_2.bias": (width,),
-            })
-    return shapes
 
 
 # name: (OpenAI state-dict spec, known architecture, published parameter count incl. logit_scale)
@@ -516,26 +416,27 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_listed(openai_ref):
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected", "misshaped"])
-def test_each_checkpoint_error_through_load(openai_ref, tmp_path, change):
-    sd = torch_sd(openai_ref["sd"])
-    name = "visual.transformer.resblocks.3.mlp.c_fc.weight"
+def test_each_checkpoint_error_through_load(tmp_path, change):
+    with np.load(OUT / "openai_tiny.npz") as data:
+        sd = {k: data[k] for k in data.files}
+    name = "visual.transformer.resblocks.1.mlp.c_fc.weight"
     if change == "missing":
         del sd[name]
     elif change == "unexpected":
-        sd["visual.transformer.resblocks.3.mlp.gate.weight"] = torch.zeros(2)
-        name = "visual.transformer.resblocks.3.mlp.gate.weight"
+        name = "visual.transformer.resblocks.1.mlp.gate.weight"
+        sd[name] = np.zeros(2, np.float32)
     else:
-        sd[name] = sd[name][:, :-1]
-    torch.save(sd, tmp_path / "bad.pt")
+        sd[name] = np.ascontiguousarray(sd[name][:, :-1])
+    save_file(sd, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="does not fit the CLIP architecture") as info:
-        weights.load(str(tmp_path / "bad.pt"), **openai_ref["kwargs"])
+        weights.load(str(tmp_path / "bad.safetensors"), **OPENAI_HEADS)
     assert name in str(info.value)
 
 
-def test_not_a_clip_state_dict(tmp_path):
-    torch.save({"prompt_learner.ctx": torch.zeros(2, 3)}, tmp_path / "epoch_15.pth")
+def test_not_a_clip_state_dict():
+    """An AnomalyCLIP prompt checkpoint is no backbone: the missing tensors are named."""
     with pytest.raises(ValueError, match=r"missing tensors.*visual\.conv1\.weight"):
-        weights.load(str(tmp_path / "epoch_15.pth"))
+        weights.load(str(OUT / "anomalyclip_epoch_15.pth"))
 
 
 def test_missing_paths_and_unknown_types(tmp_path):

@@ -13,7 +13,8 @@ Every route converges on OpenAI's state-dict names (`visual.conv1.weight`, ...),
     HF-named tensors (`.npz`: optionally under a key prefix).
 
 The architecture is inferred from the tensors; only head counts need the checkpoint's config
-(OpenAI's convention is width // 64) and can be overridden.
+(OpenAI's convention is width // 64) and can be overridden. Only TorchScript archives need torch;
+`torch.save` files are read by `genclip_jax.torch_pickle`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import json
 import os
 import pathlib
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from genclip_jax import trees
+from genclip_jax import torch_pickle, trees
 from genclip_jax.clip.model import CLIPConfig
 
 OPENAI_NAMES = {
@@ -36,7 +36,7 @@ OPENAI_NAMES = {
     "ViT-L/14": "ViT-L-14.pt",
     "ViT-L/14@336px": "ViT-L-14-336px.pt",
 }
-# Weight files of a HF model folder, in order of preference (no torch needed for the first three).
+# Weight files of a HF model folder, in order of preference (none needs torch: torch_pickle).
 HF_WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -329,7 +329,7 @@ def openai_from_hf(hf: StateDict) -> dict[str, np.ndarray]:
 
 
 def _hf_from_flax_msgpack(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads a HF `flax_model.msgpack` (no torch needed) into torch-layout HF names.
+    """Reads a HF `flax_model.msgpack` into torch-layout HF names.
 
     Flax layout: nested dicts, Dense `kernel` (in, out), Conv `kernel` HWIO, LayerNorm `scale`,
     Embed `embedding`; torch layout: `weight` (out, in), OIHW, `weight`, `weight`.
@@ -356,42 +356,35 @@ def _hf_from_flax_msgpack(path: pathlib.Path) -> dict[str, np.ndarray]:
     return flat
 
 
-def _is_torchscript(path: pathlib.Path) -> bool:
-    """TorchScript archives are zip files with a `constants.pkl` (torch.save ones have none)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in archive.namelist())
-
-
-def _torch_load(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """A TorchScript archive's or a `torch.save` file's tensors (unwrapping `state_dict`)."""
+def _torchscript_state_dict(path: pathlib.Path) -> dict:
+    """The tensors of a TorchScript archive (OpenAI's JIT release): only torch can read these."""
     try:
         import torch
     except ImportError as err:
         raise ImportError(
-            f"{path}: reading a PyTorch checkpoint needs torch (pip install torch); "
-            "safetensors, flax_model.msgpack and .npz checkpoints do not"
+            f"{path}: a TorchScript archive (like OpenAI's released ViT-L-14-336px.pt); reading "
+            "it needs torch (pip install torch). torch.save state dicts, safetensors, "
+            "flax_model.msgpack and .npz files do not: e.g. use the Hugging Face weights "
+            "'openai/clip-vit-large-patch14-336'"
         ) from err
-    if _is_torchscript(path):
-        obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+    model = torch.jit.load(str(path), map_location="cpu")
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def _torch_load(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """A TorchScript archive's or a `torch.save` file's tensors (unwrapping `state_dict`)."""
+    if torch_pickle.is_torchscript(path):
+        obj = _torchscript_state_dict(path)
     else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"{path}: could not read it as a TorchScript archive or a torch.save state dict "
-                f"of tensors (torch.load(weights_only=True) said: {err}). If it is a training "
-                "checkpoint with other objects, save its state dict alone with torch.save."
-            ) from None
+        obj = torch_pickle.load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict or TorchScript CLIP, got {type(obj)}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from DataParallel
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return {k: v.detach().cpu().float().numpy() for k, v in tensors.items()}
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
 def _safetensors_load(path: pathlib.Path) -> dict[str, np.ndarray]:
