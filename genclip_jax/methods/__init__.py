@@ -33,7 +33,9 @@ class Method(Protocol):
     (`loss`, `predict`), so training can cache its output. Every array argument of the jitted
     calls is a global batch: images (B, S, S, 3) CLIP-normalised, `batch` the numeric fields of
     a host batch (mask (B, S, S), label (B,), valid (B,), plus `host_inputs`). A method holds no
-    state beyond its config: what evaluation adapts is returned, and passed back in.
+    state beyond its config: what evaluation adapts is returned, and passed back in. Jitted steps
+    take the method as a static argument, so methods that compare equal must compute the same
+    (the built-in ones compare by config, `methods.config_key`; by default, by identity).
     """
 
     name: str
