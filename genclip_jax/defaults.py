@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
         "image_f1_max",
     ]
     c.eval.heatmaps_per_class = 4
+    # Pixel metrics on maps and masks resized to this size (several papers use 256); 0: the
+    # model's image size (exact, the reference's numbers).
+    c.eval.metric_size = 0
     c.eval.params = ""  # params-only checkpoint dir (convert output); empty: latest in workdir
 
     # `genclip-jax calibrate`: thresholds from normal images (and labelled defects, if given).

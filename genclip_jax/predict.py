@@ -32,8 +32,6 @@ from genclip_jax.files import write_atomic
 
 FORMATS = ("csv", "jsonl")
 MAX_BOXES = 64  # defect regions listed per image (the largest first)
-_pixel_max = jax.jit(lambda maps: maps.max(axis=(1, 2)))
-_pixel_min = jax.jit(lambda maps: maps.min(axis=(1, 2)))
 
 
 def check_apart(images: pathlib.Path, out: pathlib.Path) -> None:
@@ -238,10 +236,10 @@ def predict_folder(
             ):
                 local = parallel.host_local({k: outputs[k] for k in ("anomaly_map",
                                                                      "image_score")})
+                pixel_min, pixel_max = evaluate.map_range(outputs["anomaly_map"])
                 rows = {"image_score": outputs["image_score"], "index": outputs["index"],
                         "valid": outputs["valid"], "read": outputs["valid"],
-                        "pixel_max": _pixel_max(outputs["anomaly_map"]),
-                        "pixel_min": _pixel_min(outputs["anomaly_map"])}
+                        "pixel_max": pixel_max, "pixel_min": pixel_min}
                 shown = pipeline.display_images(host_batch["image"])
                 if spill is not None:
                     for r in np.flatnonzero(host_batch["valid"]):

@@ -64,7 +64,7 @@ POSITIVE_INTS = (
 NON_NEGATIVE_INTS = (
     "model.dpam_start", "model.vision_heads", "model.text_heads", "prompts.deep_depth",
     "prompts.deep_length", "genclip.deep_depth", "genclip.deep_length", "data.prefetch",
-    "eval.heatmaps_per_class", "parallel.num_devices",
+    "eval.heatmaps_per_class", "eval.metric_size", "parallel.num_devices",
 )
 POSITIVE_FLOATS = (
     "train.lr", "train.eps", "anomalyclip.temperature", "genclip.temperature",
