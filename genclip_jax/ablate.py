@@ -143,17 +143,17 @@ def document(table: Mapping[str, dict]) -> dict:
     return {"metrics": names, "variants": _json_safe(dict(table))}
 
 
-def render(table: Mapping[str, dict]) -> dict[str, str]:
-    """{'md', 'csv', 'json'} texts of the comparison table (Markdown x100, 1 decimal, ± std over
-    seeds; CSV and JSON full precision)."""
+def render(table: Mapping[str, dict], label: str = "variant") -> dict[str, str]:
+    """{'md', 'csv', 'json'} texts of the comparison table, one row per entry (its first column
+    headed `label`): Markdown x100, 1 decimal, ± std over seeds; CSV and JSON full precision."""
     doc = document(table)
     names = doc["metrics"]
     nan = float("nan")
-    md = ["| variant | seeds | " + " | ".join(names) + " |",
+    md = [f"| {label} | seeds | " + " | ".join(names) + " |",
           "|---|---|" + "---:|" * len(names)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["variant", "seeds", *names, *(f"{m}_std" for m in names)])
+    writer.writerow([label, "seeds", *names, *(f"{m}_std" for m in names)])
     for name, entry in table.items():
         seeds = entry["seeds"]
         mean = [entry["mean"].get(m, nan) for m in names]
