@@ -1,21 +1,24 @@
 """Host memory of `genclip-jax eval`: peak RSS growth against the size of the set's maps.
 
-Runs the real evaluation path (`evaluate.evaluate`: decode, tiny random backbone, maps, blur,
-gather, per-class metrics, tables and heatmaps) over N test images of K classes at image size S.
-The images are the synthetic set's, listed K times under other class names in a meta.json of
-their own (the maps differ by nothing but memory). A first evaluation of one batch compiles every
-program (compilation is not what grows with the set). One JSON line: `baseline_rss_bytes`
-(after that, before the evaluation starts), `peak_rss_bytes` (the process's peak, after),
-`dataset_map_bytes` (N x S x S x 4) and `largest_class_map_bytes`. `--mode whole` measures the
-former path (every map of the set held, then the metrics) for comparison. Target: at 600
-images, 4 classes, 518, the growth stays under half of `dataset_map_bytes`.
+Runs the real evaluation path (`evaluate.evaluate`: decode, gather, streaming per-class metrics,
+tables and heatmaps) over N test images of K classes at image size S, with synthetic maps in
+place of the model's (random smooth maps made on device from each image's index: the backbone's
+time is not what this measures). The images are the synthetic set's, listed under K class names
+in a meta.json of their own. A first evaluation of one batch compiles every program and reaches
+one batch's working memory. One JSON line: `baseline_rss_bytes` (the peak RSS after that, before
+the evaluation starts), `peak_rss_bytes` (the peak after it), `dataset_map_bytes`
+(N x S x S x 4) and `largest_class_map_bytes`. `--mode whole` measures the former path (every
+map of the set held, then the metrics) for comparison. Target: at 600 images, 4 classes, 518,
+the growth stays under half of `dataset_map_bytes`.
 
     python benchmarks/eval_memory.py --images 600 --classes 4 --image-size 518 [--mode whole]
+        [--metric-size 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import resource
@@ -30,9 +33,21 @@ from genclip_jax.data import pipeline, synthetic
 from genclip_jax.methods import create_method
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _synthetic_maps(params, clip_params, images, batch):
+    """{"anomaly_map": (B, S, S) smooth random maps in [0, 1], "image_score": (B,)}, by index."""
+    del params, clip_params
+    size = images.shape[1]
+    keys = jax.vmap(jax.random.PRNGKey)(batch["index"])
+    coarse = jax.vmap(lambda k: jax.random.uniform(k, (16, 16)))(keys)
+    maps = jax.image.resize(coarse, (coarse.shape[0], size, size), "bilinear")
+    return {"anomaly_map": maps, "image_score": maps.max(axis=(1, 2))}
+
+
+def _with_synthetic_maps(load_model):
+    def load(*args, **kwargs):
+        return dataclasses.replace(load_model(*args, **kwargs),
+                                   predict=jax.jit(_synthetic_maps))
+    return load
 
 
 def _meta(root: pathlib.Path, files: list[dict], images: int, classes: int) -> None:
@@ -50,6 +65,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mode", choices=("stream", "whole"), default="stream")
+    parser.add_argument("--metric-size", type=int, default=0, help="eval.metric_size (stream)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp) / "set"
@@ -60,13 +76,15 @@ def main() -> None:
         config.model.image_size = args.image_size
         config.data.test_root = str(root)
         config.eval.batch_size = args.batch_size
+        config.eval.metric_size = args.metric_size
         config.train.progress = False
         params = create_method(config, CLIPConfig(**config.model.random_arch.to_dict())).init(
             jax.random.PRNGKey(0))
+        evaluate.load_model = _with_synthetic_maps(evaluate.load_model)
         _meta(root, files, args.batch_size, 1)  # warm-up: one batch compiles everything
         evaluate.evaluate(config, "", params, out=str(pathlib.Path(tmp) / "warm"))
         _meta(root, files, args.images, args.classes)
-        baseline = _rss_bytes()
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if args.mode == "stream":
             evaluate.evaluate(config, "", params, out=str(pathlib.Path(tmp) / "out"))
         else:
@@ -81,6 +99,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "eval_memory", "mode": args.mode, "images": n, "classes": args.classes,
         "image_size": args.image_size, "batch_size": args.batch_size,
+        "metric_size": args.metric_size or args.image_size,
         "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
         "growth_bytes": peak - baseline, "dataset_map_bytes": n * map_bytes,
         "largest_class_map_bytes": args.images // args.classes * map_bytes,

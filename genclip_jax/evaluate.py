@@ -217,13 +217,15 @@ def class_row(results: dict[str, np.ndarray], config: ml_collections.ConfigDict,
     pixel = np.flatnonzero(results["has_mask"])
     logging.info("metrics of %s (%d images, %d with pixel labels)", name,
                  len(results["image_score"]), len(pixel))
+    # A slice, not a copy, when every image has its mask (the usual case: no class-sized copy).
+    rows = slice(None) if len(pixel) == len(results["has_mask"]) else pixel
     row = metrics.compute_class_metrics(
-        results["anomaly_map"][pixel], results["mask"][pixel].astype(np.float32),
+        results["anomaly_map"][rows], results["mask"][rows],
         results["image_score"], results["label"],
         metrics=list(config.eval.metrics), aupro_mode=config.eval.aupro_mode,
     )
     defective = results["label"] == 1
-    row.update(zip(metrics.COUNT_COLUMNS, (float(defective.sum()), float(defective[pixel].sum())),
+    row.update(zip(metrics.COUNT_COLUMNS, (float(defective.sum()), float(defective[rows].sum())),
                    strict=True))
     return row
 
