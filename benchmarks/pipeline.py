@@ -44,15 +44,10 @@ def _epoch(
 ) -> int:
     normal = np.zeros_like(dataset.labels)
     count = 0
+    plan = pipeline.host_batch_indices(len(dataset), args.batch_size, epoch=epoch,
+                                       process_index=0, process_count=1)
     for batch in pipeline.batches(
-        dataset,
-        args.batch_size,
-        image_size=args.image_size,
-        prefetch=prefetch,
-        num_threads=threads,
-        process_index=0,
-        process_count=1,
-        epoch=epoch,
+        dataset, plan, image_size=args.image_size, prefetch=prefetch, num_threads=threads,
         synthesize=None if synthesizer is None else synthesizer.for_epoch(normal, epoch),
     ):
         count += int(batch["valid"].sum())

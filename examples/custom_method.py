@@ -27,7 +27,7 @@ class Prototypes:
     def init(self, rng):
         return {"prototypes": 0.02 * jax.random.normal(rng, (2, self.clip_config.embed_dim))}
 
-    def host_inputs(self, batch):
+    def host_inputs(self, batch, adaptation=None):
         return {}
 
     def encode_images(self, clip_params, images):

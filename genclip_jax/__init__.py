@@ -28,7 +28,7 @@ _PUBLIC = {
     # Configs, training and evaluation.
     "base_config": "genclip_jax.defaults:base_config",
     "validate_config": "genclip_jax.validate:validate",
-    "train_and_evaluate": "genclip_jax.train:train_and_evaluate",
+    "train_and_evaluate": "genclip_jax.train_eval:train_and_evaluate",
     # The frozen CLIP.
     "CLIP": "genclip_jax.clip.model:CLIP",
     "CLIPConfig": "genclip_jax.clip.model:CLIPConfig",

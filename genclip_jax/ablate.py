@@ -145,17 +145,17 @@ def document(table: Mapping[str, dict]) -> dict:
     return {"metrics": names, "variants": _json_safe(dict(table))}
 
 
-def render(table: Mapping[str, dict]) -> dict[str, str]:
-    """{'md', 'csv', 'json'} texts of the comparison table (Markdown x100, 1 decimal, ± std over
-    seeds; CSV and JSON full precision)."""
+def render(table: Mapping[str, dict], label: str = "variant") -> dict[str, str]:
+    """{'md', 'csv', 'json'} texts of the comparison table, one row per entry (its first column
+    headed `label`): Markdown x100, 1 decimal, ± std over seeds; CSV and JSON full precision."""
     doc = document(table)
     names = doc["metrics"]
     nan = float("nan")
-    md = ["| variant | seeds | " + " | ".join(names) + " |",
+    md = [f"| {label} | seeds | " + " | ".join(names) + " |",
           "|---|---|" + "---:|" * len(names)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["variant", "seeds", *names, *(f"{m}_std" for m in names)])
+    writer.writerow([label, "seeds", *names, *(f"{m}_std" for m in names)])
     for name, entry in table.items():
         seeds = entry["seeds"]
         mean = [entry["mean"].get(m, nan) for m in names]
@@ -292,7 +292,7 @@ def run_ablation(
       {"metrics": [...], "variants": {name: {"overrides", "seeds", "mean", "std", "per_seed",
       "classes"}}} (metric values in [0, 1], NaN as None).
     """
-    from genclip_jax import evaluate, train
+    from genclip_jax import evaluate, train_eval
     from genclip_jax.methods import needs_training
 
     if not sweep:
@@ -342,7 +342,7 @@ def run_ablation(
             run_config = copy.deepcopy(configs[variant.name])
             run_config.train.seed = seed
             run_config.workdir = str(run_dir)
-            run = train.train_and_evaluate if trained else evaluate.evaluate
+            run = train_eval.train_and_evaluate if trained else evaluate.evaluate
             runs[seed] = run(run_config, str(run_dir))
             if lead:
                 write_cell(run_dir / CELL_FILE, variant, seed, test_root, runs[seed])

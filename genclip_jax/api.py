@@ -33,6 +33,7 @@ from genclip_jax import (
     evaluate,
     parallel,
     run_dir,
+    steps,
     validate,
 )
 from genclip_jax.clip.vision import VisionFeatures, batch_axes
@@ -94,8 +95,6 @@ class Model:
         self.config = config
         self._inference = inference
         self.batch_size = config.eval.batch_size
-        self._encode = jax.jit(inference.method.encode_images)
-        self._text = jax.jit(inference.method.text_features, static_argnums=2)
 
     @property
     def method(self) -> Method:
@@ -114,7 +113,7 @@ class Model:
             host = {"image": np.concatenate([chunk, pad]),
                     "valid": np.arange(self.batch_size) < n,
                     "cls_name": np.array([class_name or ""] * n + [""] * (len(pad)), object)}
-            host.update(self.method.host_inputs(host))
+            host.update(self.method.host_inputs(host, self._inference.adaptation))
             yield parallel.global_batch(host, self._inference.mesh), n
 
     def predict(
@@ -151,7 +150,8 @@ class Model:
         pixels = _images_in(images, self.config.model.image_size, normalized)
         parts = []
         for batch, n in self._batches(pixels, None):
-            feats = jax.device_get(self._encode(self._inference.clip_params, batch["image"]))
+            feats = jax.device_get(steps.encode_images(self.method, self._inference.clip_params,
+                                                       batch["image"]))
             parts.append(jax.tree.map(lambda axis, x, n=n: np.take(x, np.arange(n), axis),
                                       batch_axes(feats), feats))
         return jax.tree.map(lambda axis, *xs: np.concatenate(xs, axis), batch_axes(parts[0]),
@@ -161,7 +161,7 @@ class Model:
         """(2, D) [normal, abnormal] text features of the learned prompts (for `class_name`
         where the method's prompts name the class)."""
         m = self._inference
-        return np.asarray(self._text(m.params, m.clip_params, class_name))
+        return np.asarray(steps.text_features(m.method, m.params, m.clip_params, class_name))
 
 
 def _apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]):

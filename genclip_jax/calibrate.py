@@ -146,7 +146,7 @@ def thresholds(scored: Scored, cfg: ml_collections.ConfigDict) -> dict:
 def _score(config: ml_collections.ConfigDict, model: evaluate.Model, root: str,
            entries: list[dict]) -> dict[str, np.ndarray]:
     dataset = pipeline.Dataset.from_entries(root, entries, config.data.missing_mask)
-    evaluate.adapt_to_classes(config, model, dataset, entries)
+    model = evaluate.adapt_to_classes(config, model, dataset, entries)
     return evaluate.predict_dataset(config, model, dataset)
 
 

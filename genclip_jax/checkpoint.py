@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from genclip_jax import files, parallel
+from genclip_jax import files, parallel, trees
 
 PyTree = Any
 
@@ -73,14 +73,11 @@ def leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
 
 def _check_shapes(stored_tree: PyTree, abstract: PyTree, where: str) -> None:
     """Refuse a restore whose template disagrees with the stored leaves (another config)."""
-    stored, wanted = leaf_shapes(stored_tree), leaf_shapes(abstract)
-    problems = [
-        f"{name}: checkpoint {stored[name]} vs template {wanted[name]}"
-        for name in sorted(stored.keys() & wanted.keys())
-        if stored[name] != wanted[name]
-    ]
-    problems += [f"{name}: missing in checkpoint" for name in sorted(wanted.keys() - stored.keys())]
-    problems += [f"{name}: not in template" for name in sorted(stored.keys() - wanted.keys())]
+    stored = leaf_shapes(stored_tree)
+    diff = trees.shape_differences(stored, leaf_shapes(abstract))
+    problems = [f"{name}: checkpoint {got} vs template {want}" for name, got, want in diff.wrong]
+    problems += [f"{name}: missing in checkpoint" for name in diff.missing]
+    problems += [f"{name}: not in template" for name in diff.unexpected]
     if problems:
         raise ShapeMismatchError(
             f"checkpoint {where} does not match the restore template (was it written with "

@@ -79,6 +79,13 @@ COMMANDS = {
         "genclip-jax ablate --config=configs/genclip.py:mvtec --workdir=runs/gc_ablation "
         "--sweep=gqp_only,mvp,cnf,dual_branch --seeds=0,1",
     ),
+    "benchmark": Command(
+        "the papers' protocol: train on --source per seed, evaluate on every --targets set",
+        ("config", "workdir", "source", "targets", "roots", "seeds", "profile"),
+        "genclip-jax benchmark --config=configs/anomalyclip.py:visa --workdir=runs/table1 "
+        "--source=visa --targets=mvtec,mpdd --roots=visa=/data/visa,mvtec=/data/mvtec,"
+        "mpdd=/data/mpdd --seeds=111,112,113",
+    ),
 }
 HELP_ARGS = ("--help", "-help", "-h", "--helpfull", "-helpfull", "--helpshort", "-helpshort")
 OVERRIDES_HELP = """\
@@ -156,7 +163,11 @@ flags.DEFINE_integer(
     "seed", 0, "synthetic: seed of the images and defects; make-meta: seed of the folder split.",
 )
 flags.DEFINE_string("sweep", None, "ablate: comma-separated variants or field=value overrides.")
-flags.DEFINE_list("seeds", None, "ablate: training seeds to average (default: train.seed).")
+flags.DEFINE_list("seeds", None,
+                  "ablate, benchmark: training seeds to average (default: train.seed).")
+flags.DEFINE_string("source", None, "benchmark: the set to train on (a name in --roots).")
+flags.DEFINE_list("targets", None, "benchmark: the sets to evaluate on (names in --roots).")
+flags.DEFINE_list("roots", None, "benchmark: name=root of every set, e.g. mvtec=/data/mvtec.")
 flags.DEFINE_bool("profile", False, "Write a jax.profiler trace into WORKDIR/profile.")
 
 
@@ -211,10 +222,10 @@ def _require(*names: str) -> None:
 
 
 def _train() -> None:
-    from genclip_jax import train
+    from genclip_jax import train_eval
 
     _require("workdir")
-    train.train_and_evaluate(_config(), FLAGS.workdir)
+    train_eval.train_and_evaluate(_config(), FLAGS.workdir)
 
 
 def _eval() -> None:
@@ -265,6 +276,15 @@ def _ablate() -> None:
     _require("workdir", "sweep")
     seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
     ablate.run_ablation(_config(), FLAGS.workdir, ablate.split_sweep(FLAGS.sweep), seeds)
+
+
+def _benchmark() -> None:
+    from genclip_jax import protocol
+
+    _require("workdir", "source", "targets", "roots")
+    seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+    protocol.run_protocol(_config(), FLAGS.workdir, FLAGS.source, FLAGS.targets,
+                          protocol.parse_roots(FLAGS.roots), seeds)
 
 
 def _synthetic() -> None:
@@ -389,7 +409,8 @@ def _run_command(argv: list[str]) -> None:
     args = argv[1:]
     handlers = {"train": _train, "eval": _eval, "calibrate": _calibrate, "predict": _predict,
                 "make-meta": _make_meta,
-                "synthetic": _synthetic, "demo": _demo, "ablate": _ablate}
+                "synthetic": _synthetic, "demo": _demo, "ablate": _ablate,
+                "benchmark": _benchmark}
     if _command != "convert" and args:
         raise app.UsageError(f"{_command}: unexpected arguments {args}")
     run_command = (lambda: _convert(args)) if _command == "convert" else handlers[_command]

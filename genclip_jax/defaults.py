@@ -11,15 +11,6 @@ import ml_collections
 
 from genclip_jax.prompts import winclip as winclip_prompts
 
-MVTEC_CLASSES = (
-    "carpet", "bottle", "hazelnut", "leather", "cable", "capsule", "grid", "pill", "transistor",
-    "metal_nut", "screw", "toothbrush", "zipper", "tile", "wood",
-)
-VISA_CLASSES = (
-    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
-    "pcb2", "pcb3", "pcb4", "pipe_fryum",
-)
-
 
 def tiny_backbone() -> ml_collections.ConfigDict:
     """A small random CLIP with the real structure (24 vision layers, DPAM 6..24)."""
@@ -103,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.genclip.cnf = ml_collections.ConfigDict()
     c.genclip.cnf.rule = "B"  # "B" (image-text alignment), "A", "A'" (vocabulary), "off"
     c.genclip.cnf.margin = 0.0
-    c.genclip.cnf.template = "a photo of a {}."
+    c.genclip.cnf.template = "a photo of {}."  # "{}": the word with its article, "an object"
     c.genclip.cnf.generic_word = "object"
 
     # WinCLIP (nothing to train): compositional prompt ensemble and sliding windows (winclip
@@ -165,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
         "image_f1_max",
     ]
     c.eval.heatmaps_per_class = 4
+    # Pixel metrics on maps and masks resized to this size (several papers use 256); 0: the
+    # model's image size (exact, the reference's numbers).
+    c.eval.metric_size = 0
     c.eval.params = ""  # params-only checkpoint dir (convert output); empty: latest in workdir
 
     # `genclip-jax calibrate`: thresholds from normal images (and labelled defects, if given).

@@ -6,7 +6,7 @@ import pathlib
 
 import ml_collections
 
-from genclip_jax import evaluate, train
+from genclip_jax import evaluate, train_eval
 from genclip_jax.data import synthetic
 from genclip_jax.methods import needs_training
 
@@ -26,4 +26,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config.data.test_root = config.data.test_root or str(data_root)
     if not needs_training(config.method):
         return evaluate.evaluate(config, workdir)
-    return train.train_and_evaluate(config, workdir)
+    return train_eval.train_and_evaluate(config, workdir)

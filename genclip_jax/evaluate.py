@@ -2,7 +2,13 @@
 
 Any batch size works: every prediction is stored by its dataset index (padding rows dropped), so
 results do not depend on batching (the reference code assumes batch 1). Maps and the blur run on
-device; the metrics run on the host over each class's full-resolution maps.
+device; the metrics run on the host over each class's maps (at the model's size, or at
+`eval.metric_size`).
+
+Evaluation streams: batches arrive in dataset order, which `meta.split_entries` groups by class,
+and a class's metrics are computed as soon as its last image arrives, then its maps are dropped.
+Process 0 keeps the class being filled (plus the maps of the panels to draw); other processes
+keep nothing. Host memory is bounded by the largest class, not the dataset.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
+from PIL import Image
 from tqdm import tqdm
 
-from genclip_jax import checkpoint, files, heatmaps, metrics, parallel, run_dir, validate
+from genclip_jax import checkpoint, files, heatmaps, metrics, parallel, run_dir, steps, validate
 from genclip_jax.backbone import load_backbone
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline
 from genclip_jax.files import write_atomic
-from genclip_jax.methods import create_method, needs_training
+from genclip_jax.methods import Adaptation, create_method, needs_training
 
 
 def load_trained_params(
@@ -63,12 +70,7 @@ def load_trained_params(
 
 def make_predict_fn(method) -> Callable:
     """Jitted (params, clip_params, images, batch) -> {"anomaly_map", "image_score"}."""
-
-    def predict(params, clip_params, images, batch):
-        feats = method.encode_images(clip_params, images)
-        return method.predict(params, clip_params, feats, batch)
-
-    return jax.jit(predict)
+    return functools.partial(steps.predict, method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Model:
     mesh: Mesh
     predict: Callable
     source: str  # where the params came from: a checkpoint step, a params export, the caller
+    adaptation: Adaptation = dataclasses.field(default_factory=dict)  # of `prepare_eval`
 
 
 def load_model(
@@ -113,6 +116,12 @@ def load_model(
     )
 
 
+@jax.jit
+def map_range(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, S, S) maps -> their (B,) minima and (B,) maxima."""
+    return maps.min(axis=(1, 2)), maps.max(axis=(1, 2))
+
+
 def predictions(
     config: ml_collections.ConfigDict,
     model: Model,
@@ -126,14 +135,14 @@ def predictions(
     Outputs: anomaly_map (B, S, S), image_score (B,) and the batch's mask, label, has_mask,
     index, valid.
     """
+    plan = pipeline.host_batch_indices(len(dataset), config.eval.batch_size)
     batches = pipeline.batches(
-        dataset, config.eval.batch_size, prefetch=config.data.prefetch,
-        image_size=config.model.image_size, skip_unreadable=skip_unreadable,
+        dataset, plan, prefetch=config.data.prefetch, image_size=config.model.image_size,
+        skip_unreadable=skip_unreadable,
     )
-    total = pipeline.num_batches(len(dataset), config.eval.batch_size)
-    for host_batch in tqdm(batches, total=total, desc=desc,
+    for host_batch in tqdm(batches, total=len(plan), desc=desc,
                            disable=not config.train.progress or jax.process_index() != 0):
-        host_batch.update(model.method.host_inputs(host_batch))
+        host_batch.update(model.method.host_inputs(host_batch, model.adaptation))
         batch = parallel.global_batch(host_batch, model.mesh)
         pred = model.predict(model.params, model.clip_params, batch.pop("image"), batch)
         keys = ("mask", "label", "has_mask", "index", "valid")
@@ -169,9 +178,10 @@ def image_embeddings(
     config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset
 ) -> np.ndarray:
     """(N, D) the method's `class_image_features` of every sample, by dataset index."""
-    embed = jax.jit(model.method.class_image_features)
+    embed = functools.partial(steps.class_image_features, model.method)
     out = None
-    batches = pipeline.batches(dataset, config.eval.batch_size, prefetch=config.data.prefetch,
+    plan = pipeline.host_batch_indices(len(dataset), config.eval.batch_size)
+    batches = pipeline.batches(dataset, plan, prefetch=config.data.prefetch,
                                image_size=config.model.image_size)
     for host_batch in batches:
         batch = parallel.global_batch(host_batch, model.mesh)
@@ -186,10 +196,10 @@ def image_embeddings(
 def adapt_to_classes(
     config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset,
     entries: Sequence[dict],
-) -> dict:
-    """Test-time adaptation of the method to the test classes (GenCLIP: class-name filtering).
-
-    The image embeddings pass runs only if the method asks for a class's images.
+) -> Model:
+    """`model` with its method's adaptation to the test classes (GenCLIP: class-name
+    filtering) for `predictions`. The image embeddings pass runs only if the method asks for a
+    class's images.
     """
     names = np.array([e["cls_name"] for e in entries])
     embeddings = functools.cache(lambda: image_embeddings(config, model, dataset))
@@ -198,64 +208,144 @@ def adapt_to_classes(
         lambda cls: embeddings()[names == cls],
     )
     for name, decision in decisions.items():
-        logging.info("class %s -> prompt word %r (%s)", name, decision.word, decision)
-    return decisions
+        logging.info("class %s: %s", name, decision)
+    return dataclasses.replace(model, adaptation=decisions)
+
+
+def class_row(results: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+              name: str = "") -> dict[str, float]:
+    """{metric: value} of one class's results (anomaly_map (N, S, S), mask, image_score,
+    label, has_mask), plus the counts `metrics.COUNT_COLUMNS`.
+
+    Image metrics count every image; pixel metrics the images whose mask is known (a defect
+    without a mask has no pixel labels, under `data.missing_mask="ignore"`).
+    """
+    pixel = np.flatnonzero(results["has_mask"])
+    logging.info("metrics of %s (%d images, %d with pixel labels)", name,
+                 len(results["image_score"]), len(pixel))
+    # A slice, not a copy, when every image has its mask (the usual case: no class-sized copy).
+    rows = slice(None) if len(pixel) == len(results["has_mask"]) else pixel
+    row = metrics.compute_class_metrics(
+        results["anomaly_map"][rows], results["mask"][rows],
+        results["image_score"], results["label"],
+        metrics=list(config.eval.metrics), aupro_mode=config.eval.aupro_mode,
+    )
+    defective = results["label"] == 1
+    row.update(zip(metrics.COUNT_COLUMNS, (float(defective.sum()), float(defective[rows].sum())),
+                   strict=True))
+    return row
+
+
+def drop_counts_unless_needed(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The count columns stay only when some defect has no mask (they say how many did)."""
+    if any(r[metrics.COUNT_COLUMNS[0]] != r[metrics.COUNT_COLUMNS[1]] for r in rows.values()):
+        return rows
+    return {name: {k: v for k, v in row.items() if k not in metrics.COUNT_COLUMNS}
+            for name, row in rows.items()}
 
 
 def class_rows(
     entries: Sequence[dict], results: dict[str, np.ndarray], config: ml_collections.ConfigDict
 ) -> dict[str, dict[str, float]]:
-    """{class: {metric: value}} in the order classes first appear in the dataset.
+    """{class: {metric: value}} of a whole set's results, classes in first-seen order; the
+    counts `metrics.COUNT_COLUMNS` when some defect has no mask."""
+    names = np.array([e["cls_name"] for e in entries])
+    rows = {str(cls): class_row({k: v[names == cls] for k, v in results.items()}, config, cls)
+            for cls in dict.fromkeys(names)}
+    return drop_counts_unless_needed(rows)
 
-    Image metrics count every image; pixel metrics the images whose mask is known (a defect
-    without a mask has no pixel labels, under `data.missing_mask="ignore"`). When some defect
-    has no mask, every row also gets the counts `metrics.COUNT_COLUMNS`.
+
+def _resized(values: np.ndarray, size: int, resample: int) -> np.ndarray:
+    mode = "F" if values.dtype == np.float32 else "L"
+    return np.asarray(Image.fromarray(values, mode=mode).resize((size, size), resample))
+
+
+@dataclasses.dataclass
+class ClassResults:
+    """One class's predictions, complete: `results` as `predict_dataset` holds them (maps and
+    masks at `eval.metric_size` when set), `indices` their dataset indices, `shown` the
+    model-size (map, GT mask of a defect or None) of the first `heatmaps_per_class` images."""
+
+    name: str
+    indices: np.ndarray
+    results: dict[str, np.ndarray]
+    shown: dict[int, tuple[np.ndarray, np.ndarray | None]]
+
+
+def stream_classes(
+    config: ml_collections.ConfigDict, model: Model, dataset: pipeline.Dataset,
+    entries: Sequence[dict],
+) -> Iterator[ClassResults | tuple[float, float]]:
+    """Yields each class's `ClassResults` as soon as its last image is predicted (on process 0;
+    other processes take part in every batch and yield nothing), then the (min, max) of every
+    map of the set, for the heatmaps' common range.
     """
     names = np.array([e["cls_name"] for e in entries])
-    defective = results["label"] == 1
-    counted = bool((defective & ~results["has_mask"]).any())
-    rows = {}
-    for cls in dict.fromkeys(names):
-        idx = np.flatnonzero(names == cls)
-        pixel_idx = idx[results["has_mask"][idx]]
-        logging.info("metrics of %s (%d images, %d with pixel labels)", cls, len(idx),
-                     len(pixel_idx))
-        rows[str(cls)] = metrics.compute_class_metrics(
-            results["anomaly_map"][pixel_idx], results["mask"][pixel_idx].astype(np.float32),
-            results["image_score"][idx], results["label"][idx],
-            metrics=list(config.eval.metrics), aupro_mode=config.eval.aupro_mode,
-        )
-        if counted:
-            rows[str(cls)].update(dict(zip(metrics.COUNT_COLUMNS, (
-                float(defective[idx].sum()), float(defective[pixel_idx].sum())), strict=True)))
-    return rows
+    classes = {cls: np.flatnonzero(names == cls) for cls in dict.fromkeys(names)}
+    position = np.zeros(len(names), np.int64)
+    for idx in classes.values():
+        position[idx] = np.arange(len(idx))
+    remaining = {cls: len(idx) for cls, idx in classes.items()}
+    size, model_size = config.eval.metric_size or config.model.image_size, config.model.image_size
+    lead = jax.process_index() == 0
+    open_classes: dict[str, ClassResults] = {}
+    low, high = np.inf, -np.inf
+    for _, outputs in predictions(config, model, dataset):
+        low_high = map_range(outputs["anomaly_map"])
+        rows = parallel.gather({**outputs, "low": low_high[0], "high": low_high[1]})
+        if not lead:
+            continue
+        keep = np.flatnonzero(rows["valid"])
+        low = min(low, float(rows["low"][keep].min(initial=np.inf)))
+        high = max(high, float(rows["high"][keep].max(initial=-np.inf)))
+        for r in keep[np.argsort(rows["index"][keep])]:
+            i = int(rows["index"][r])
+            cls = str(names[i])
+            if cls not in open_classes:
+                n = len(classes[cls])
+                open_classes[cls] = ClassResults(cls, classes[cls], {
+                    "anomaly_map": np.zeros((n, size, size), np.float32),
+                    "image_score": np.zeros((n,), np.float32),
+                    "mask": np.zeros((n, size, size), np.uint8),
+                    "label": np.zeros((n,), np.int32),
+                    "has_mask": np.zeros((n,), bool),
+                }, {})
+            current = open_classes[cls]
+            j = position[i]
+            anomaly_map, mask = rows["anomaly_map"][r], rows["mask"][r].astype(np.uint8)
+            if j < config.eval.heatmaps_per_class:
+                current.shown[i] = (anomaly_map, mask if rows["label"][r] else None)
+            if size != model_size:
+                anomaly_map = _resized(anomaly_map, size, Image.BILINEAR)
+                mask = _resized(mask, size, Image.NEAREST)
+            current.results["anomaly_map"][j], current.results["mask"][j] = anomaly_map, mask
+            for key in ("image_score", "label", "has_mask"):
+                current.results[key][j] = rows[key][r]
+            remaining[cls] -= 1
+            if not remaining[cls]:
+                yield open_classes.pop(cls)
+    if lead:
+        yield low, high
 
 
 def write_heatmaps(
     out_dir: pathlib.Path,
     dataset: pipeline.Dataset,
     entries: Sequence[dict],
-    results: dict[str, np.ndarray],
-    per_class: int,
+    shown: dict[int, tuple[np.ndarray, np.ndarray | None]],
+    value_range: tuple[float, float],
 ) -> list[pathlib.Path]:
-    """The first `per_class` images of each class, every map on the value range of the whole set
-    (in range.json beside them) so that panels compare across classes; files named by
-    `heatmaps.panel_names` (unique per input path)."""
-    names = np.array([e["cls_name"] for e in entries])
+    """Panels of the `shown` images {dataset index: (model-size map, GT mask or None)}, every
+    map on the value range of the whole set (in range.json beside them) so that panels compare
+    across classes; files named by `heatmaps.panel_names` (unique per input path)."""
     panels = heatmaps.panel_names([e["img_path"] for e in entries])
-    size = results["anomaly_map"].shape[-1]
-    value_range = (float(results["anomaly_map"].min()), float(results["anomaly_map"].max()))
     written = [write_atomic(out_dir / "range.json", json.dumps(
         {"value_range": list(value_range),
          "note": "every panel of this set shows the map on this range"}) + "\n")]
-    for cls in dict.fromkeys(names):
-        idx = np.flatnonzero(names == cls)
-        for i in idx[:per_class]:
-            image = pipeline.image_transform(dataset.read(int(i)).image, size)
-            written.append(heatmaps.save_panel(
-                out_dir / panels[i], pipeline.display_images(image), results["anomaly_map"][i],
-                results["mask"][i] if results["label"][i] else None, value_range,
-            ))
+    for i, (anomaly_map, mask) in shown.items():
+        image = pipeline.image_transform(dataset.read(i).image, anomaly_map.shape[-1])
+        written.append(heatmaps.save_panel(out_dir / panels[i], pipeline.display_images(image),
+                                           anomaly_map, mask, value_range))
     return written
 
 
@@ -295,7 +385,7 @@ def prepare_target(
 
 def write_results(
     config: ml_collections.ConfigDict, model: Model, target: Target, rows: dict,
-    decisions: dict, results: dict[str, np.ndarray],
+    shown: dict[int, tuple[np.ndarray, np.ndarray | None]], value_range: tuple[float, float],
 ) -> None:
     """Replaces `target.out` as a whole: tables, CNF decisions and eval.json first, heatmaps
     last; heatmaps that fail do not cost the tables (they land, then the error is raised)."""
@@ -304,8 +394,8 @@ def write_results(
     with run_dir.staged_output(target.out) as stage:
         if lead:
             metrics.write_tables(rows, stage)
-            if decisions:
-                text = json.dumps({k: dataclasses.asdict(d) for k, d in decisions.items()},
+            if model.adaptation:
+                text = json.dumps({k: dataclasses.asdict(d) for k, d in model.adaptation.items()},
                                   indent=2)
                 write_atomic(stage / "class_names.json", text + "\n")
             info = {"test_root": str(pathlib.Path(target.root).absolute()),
@@ -314,8 +404,8 @@ def write_results(
                     "config": run_dir.config_to_dict(config)}
             write_atomic(stage / "eval.json", json.dumps(info, indent=2) + "\n")
             try:
-                write_heatmaps(stage / "heatmaps", target.dataset, target.entries, results,
-                               config.eval.heatmaps_per_class)
+                write_heatmaps(stage / "heatmaps", target.dataset, target.entries, shown,
+                               value_range)
             except (OSError, ValueError) as err:
                 failure = err
     if failure is not None:
@@ -339,8 +429,14 @@ def evaluate(
     if params is None and not config.eval.params and needs_training(config.method):
         run_dir.RunDir(workdir).check_readable(config)  # before the backbone is loaded
     model = load_model(config, workdir, params)
-    decisions = adapt_to_classes(config, model, target.dataset, target.entries)
-    results = predict_dataset(config, model, target.dataset)
-    rows = class_rows(target.entries, results, config)
-    write_results(config, model, target, rows, decisions, results)
+    model = adapt_to_classes(config, model, target.dataset, target.entries)
+    rows, shown, value_range = {}, {}, (0.0, 0.0)
+    for item in stream_classes(config, model, target.dataset, target.entries):
+        if isinstance(item, tuple):
+            value_range = item
+            continue
+        rows[item.name] = class_row(item.results, config, item.name)
+        shown.update(item.shown)
+    rows = drop_counts_unless_needed(rows)
+    write_results(config, model, target, rows, shown, value_range)
     return rows

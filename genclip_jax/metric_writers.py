@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from tensorboardX import summary as tbx_summary
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
@@ -42,18 +43,10 @@ def _image_batch(name: str, image: Any) -> np.ndarray:
     return array
 
 
-def _flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested hparams -> ``{"a.b": value}`` with bool/int/float/str values (others as str)."""
-    flat: dict[str, Any] = {}
-    for key, value in hparams.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten_hparams(value, name + "."))
-        elif isinstance(value, bool | int | float | str):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
+def _flatten_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b": value}`` with bool/int/float/str values (others as str)."""
+    return {name: value if isinstance(value, bool | int | float | str) else str(value)
+            for name, value in traverse_util.flatten_dict(dict(hparams), sep=".").items()}
 
 
 class MetricWriter(abc.ABC):

@@ -33,8 +33,6 @@ from genclip_jax.methods import needs_training
 
 FORMATS = ("csv", "jsonl")
 MAX_BOXES = 64  # defect regions listed per image (the largest first)
-_pixel_max = jax.jit(lambda maps: maps.max(axis=(1, 2)))
-_pixel_min = jax.jit(lambda maps: maps.min(axis=(1, 2)))
 
 
 def check_apart(images: pathlib.Path, out: pathlib.Path) -> None:
@@ -221,8 +219,8 @@ def predict_folder(
     names = [e["img_path"] for e in entries]
     panels = heatmaps.panel_names(names)
     dataset = pipeline.Dataset.from_entries(root, entries)
-    model = evaluate.load_model(config, workdir)
-    evaluate.adapt_to_classes(config, model, dataset, entries)
+    model = evaluate.adapt_to_classes(config, evaluate.load_model(config, workdir), dataset,
+                                      entries)
     n, scores_name = len(dataset), f"scores.{output_format}"
     classes = sorted({e["cls_name"] for e in entries})
     class_entry = {c: thresholds.entry(c) for c in classes} if thresholds else {}
@@ -239,10 +237,10 @@ def predict_folder(
             ):
                 local = parallel.host_local({k: outputs[k] for k in ("anomaly_map",
                                                                      "image_score")})
+                pixel_min, pixel_max = evaluate.map_range(outputs["anomaly_map"])
                 rows = {"image_score": outputs["image_score"], "index": outputs["index"],
                         "valid": outputs["valid"], "read": outputs["valid"],
-                        "pixel_max": _pixel_max(outputs["anomaly_map"]),
-                        "pixel_min": _pixel_min(outputs["anomaly_map"])}
+                        "pixel_max": pixel_max, "pixel_min": pixel_min}
                 shown = pipeline.display_images(host_batch["image"])
                 if spill is not None:
                     for r in np.flatnonzero(host_batch["valid"]):

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from genclip_jax import defaults, files, parallel
 
@@ -78,21 +79,14 @@ def config_to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dic
     return json.loads(json.dumps(dict(config)))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return traverse_util.flatten_dict(dict(tree), sep=".")
 
 
 def config_hash(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     """A short digest of the `SCORE_FIELDS` of `config`: equal hashes give the same scores, so
     thresholds calibrated under one hold under the other."""
-    fields = {k: v for k, v in sorted(_flatten(config_to_dict(config)).items())
+    fields = {k: v for k, v in sorted(_flat(config_to_dict(config)).items())
               if _covered(k, SCORE_FIELDS)}
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -110,8 +104,8 @@ def config_differences(
     A field missing from `old` (a run written before the field existed) takes its default; one
     missing on either side after that reads ``"<absent>"``.
     """
-    flat_old = {**_flatten(config_to_dict(defaults.base_config())), **_flatten(old)}
-    flat_new = _flatten(new)
+    flat_old = {**_flat(config_to_dict(defaults.base_config())), **_flat(old)}
+    flat_new = _flat(new)
     diffs = {}
     for name in sorted(flat_old.keys() | flat_new.keys()):
         if _covered(name, fields):

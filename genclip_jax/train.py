@@ -1,17 +1,23 @@
-"""Prompt training: `train_and_evaluate(config, workdir)` built from small jitted pieces.
+"""Prompt training: `train(config, workdir)` built from small jitted pieces.
 
 The backbone is frozen, so each step is `encode_images` (no gradient; optionally cached once for
-all epochs) followed by `update` (text side forward, loss, Adam). Batches are sharded over the
-"data" mesh axis, parameters replicated. A checkpoint is written after every epoch and a run
-resumes from the latest one in its workdir.
+all epochs) followed by `update` (text side forward, loss, Adam). Both are compiled once per
+(method, config): a second run or seed with the same config reuses them. Batches are sharded over
+the "data" mesh axis, parameters replicated. The loop counts steps on the host and reads device
+values only to log and before a checkpoint; it dispatches a step while the one before runs, and
+waits for that one (no transfer) before going further ahead: the device always has the next step
+queued, and XLA:CPU's collectives over several devices were measured to deadlock with more steps
+in flight. A checkpoint is written after every epoch and a run resumes from the latest one in its
+workdir.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
-from typing import Any
+from typing import Any, NoReturn
 
 import flax.struct
 import jax
@@ -23,7 +29,7 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from genclip_jax import checkpoint, evaluate, parallel, run_dir, validate
+from genclip_jax import checkpoint, parallel, run_dir, steps, validate
 from genclip_jax.backbone import load_backbone
 from genclip_jax.clip.vision import BATCH_AXES, VisionFeatures
 from genclip_jax.data import anomaly_synthesis, pipeline
@@ -46,8 +52,14 @@ TrainMetrics = clu_metrics.Collection.create(
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam(lr, b1, b2, eps), no weight decay, no schedule (the official recipe)."""
-    return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    """Adam(lr, b1, b2, eps), no weight decay, no schedule (the official recipe). Equal values
+    give the same object: the jitted update takes it as a static argument."""
+    return _adam(float(cfg.lr), float(cfg.b1), float(cfg.b2), float(cfg.eps))
+
+
+@functools.cache
+def _adam(lr: float, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    return optax.adam(lr, b1=b1, b2=b2, eps=eps)
 
 
 def create_train_state(method, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -57,25 +69,26 @@ def create_train_state(method, tx: optax.GradientTransformation, seed: int) -> T
 
 def make_encode_fn(method):
     """Jitted frozen vision forward: (clip_params, images) -> VisionFeatures."""
-    return jax.jit(method.encode_images)
+    return functools.partial(steps.encode_images, method)
 
 
 def make_update_fn(method, tx: optax.GradientTransformation):
-    """Jitted training update on given features; donates the old state's buffers."""
+    """Jitted (state, clip_params, feats, batch) -> (state, metrics) training update on given
+    features; donates the old state's buffers."""
+    return functools.partial(_update, method, tx)
 
-    def update(state: TrainState, clip_params, feats: VisionFeatures, batch: dict):
-        loss_fn = lambda p: method.loss(p, clip_params, feats, batch)
-        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-        )
-        return new_state, TrainMetrics.single_from_model_output(**parts)
 
-    return jax.jit(update, donate_argnums=(0,))
-
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def _update(method, tx, state: TrainState, clip_params, feats: VisionFeatures, batch: dict):
+    loss_fn = lambda p: method.loss(p, clip_params, feats, batch)
+    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+    )
+    return new_state, TrainMetrics.single_from_model_output(**parts)
 
 
 
@@ -155,12 +168,24 @@ class NonFiniteLossError(FloatingPointError):
     """The loss of a step was NaN or infinite: training stops before that state is saved."""
 
 
-def _check_finite(
+def _read_checked(
+    pending: list[tuple[int, Any]], epoch: int, ckpt: checkpoint.Checkpointer,
+    train_cfg: ml_collections.ConfigDict,
+) -> dict[str, float]:
+    """The metric values of the last of the `pending` (step, metrics) (one device read for all);
+    raises at the first step whose loss is not finite."""
+    fetched = jax.device_get([m.compute() for _, m in pending])
+    for (step, _), metrics in zip(pending, fetched, strict=True):
+        values = {k: float(v) for k, v in metrics.items()}
+        if not all(np.isfinite(v) for v in values.values()):
+            _raise_non_finite(values, step, epoch, ckpt, train_cfg)
+    return values
+
+
+def _raise_non_finite(
     values: dict[str, float], step: int, epoch: int, ckpt: checkpoint.Checkpointer,
     train_cfg: ml_collections.ConfigDict,
-) -> None:
-    if all(np.isfinite(v) for v in values.values()):
-        return
+) -> NoReturn:
     terms = " ".join(f"{k}={v:.6g}" for k, v in values.items())
     raise NonFiniteLossError(
         f"step {step} (epoch {epoch + 1}): the loss is not finite ({terms}); training stopped "
@@ -214,6 +239,7 @@ def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) ->
                                                    "opt_state": state.opt_state})
         state = TrainState(step=rest["step"], params=params, opt_state=rest["opt_state"])
         logging.info("resumed from the checkpoint of epoch %d in %s", start_epoch, ckpt.directory)
+    step = int(state.step)  # counted on the host from here: no device read per step
 
     encode = make_encode_fn(method)
     update = make_update_fn(method, tx)
@@ -222,24 +248,20 @@ def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) ->
     if config.train.cache_features and synthesizer is not None:
         logging.info("train.cache_features is off for this run: train.synthetic_anomalies "
                      "changes the images every epoch")
-    steps_per_epoch = pipeline.num_batches(len(dataset), config.train.batch_size)
     order = {"shuffle": config.train.shuffle, "seed": config.train.seed}
     for epoch in range(start_epoch, config.train.epochs):
-        plan = pipeline.host_batch_indices(
-            len(dataset), config.train.batch_size, epoch=epoch, **order,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
+        plan = pipeline.host_batch_indices(len(dataset), config.train.batch_size, epoch=epoch,
+                                           **order)
         cached = cache is not None and cache.covers(plan)
         batches = pipeline.batches(
-            dataset, config.train.batch_size, epoch=epoch, **order,
-            prefetch=config.data.prefetch, image_size=config.model.image_size,
+            dataset, plan, prefetch=config.data.prefetch, image_size=config.model.image_size,
             with_images=not cached,
             synthesize=None if synthesizer is None else synthesizer.for_epoch(dataset.labels,
                                                                               epoch),
         )
-        progress = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}",
+        progress = tqdm(batches, total=len(plan), desc=f"epoch {epoch + 1}",
                         disable=not config.train.progress or jax.process_index() != 0)
-        epoch_metrics = None
+        epoch_metrics, pending = None, []
         for host_batch in progress:
             host_batch.update(method.host_inputs(host_batch))
             batch = parallel.global_batch(host_batch, mesh)
@@ -250,28 +272,21 @@ def _train_loop(config, dataset, method, tx, clip_params, mesh, ckpt, writer) ->
                 if cache is not None:
                     cache.put(host_batch["index"], feats)
             state, step_metrics = update(state, clip_params, feats, batch)
-            step = int(state.step)
-            values = {k: float(v) for k, v in jax.device_get(step_metrics.compute()).items()}
-            _check_finite(values, step, epoch, ckpt, config.train)
+            step += 1
+            if pending:  # one step ahead at most (see the module docstring)
+                jax.block_until_ready(pending[-1][1])
+            pending.append((step, step_metrics))
             epoch_metrics = (step_metrics if epoch_metrics is None
                              else epoch_metrics.merge(step_metrics))
             if step % config.train.log_every_steps == 0:
+                values = _read_checked(pending, epoch, ckpt, config.train)
                 writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+                pending = []
+        if pending:  # no state with a non-finite loss behind it is saved
+            _read_checked(pending, epoch, ckpt, config.train)
         # The checkpoint first: it is what a failure must not cost.
         ckpt.save(epoch + 1, state.params, {"step": state.step, "opt_state": state.opt_state})
         summary = {f"epoch/{k}": float(v) for k, v in epoch_metrics.compute().items()}
         writer.write_scalars(epoch + 1, summary)
     return state
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains, then evaluates the final checkpoint on `data.test_root` (if set) into
-    `<workdir>/eval/<name of the test root>/`. The test set and the output folder are checked
-    before training, so a bad test set does not cost a training run."""
-    validate.validate(config, "train")
-    if config.data.test_root:
-        evaluate.prepare_target(config, workdir)
-    train(config, workdir)
-    if not config.data.test_root:
-        return {}
-    return evaluate.evaluate(config, workdir)

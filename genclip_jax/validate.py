@@ -68,7 +68,7 @@ POSITIVE_INTS = (
 NON_NEGATIVE_INTS = (
     "model.dpam_start", "model.vision_heads", "model.text_heads", "prompts.deep_depth",
     "prompts.deep_length", "genclip.deep_depth", "genclip.deep_length", "data.prefetch",
-    "eval.heatmaps_per_class", "parallel.num_devices", "fewshot.k",
+    "eval.heatmaps_per_class", "eval.metric_size", "parallel.num_devices", "fewshot.k",
 )
 POSITIVE_FLOATS = (
     "train.lr", "train.eps", "anomalyclip.temperature", "genclip.temperature",
@@ -176,6 +176,10 @@ def _template_errors(config: ml_collections.ConfigDict) -> list[str]:
         for field in TEMPLATES
         if (value := get_field(config, field)).count("{}") != 1
     ]
+    # An older config's "a photo of a {}." would read "a photo of a an object." now.
+    if re.search(r"\b(a|an) \{\}", template := config.genclip.cnf.template):
+        errors.append("genclip.cnf.template: '{}' takes the word with its article ('an object'); "
+                      f"expected no article before it, got {template!r}")
     for field in TEMPLATE_LISTS:
         values = list(get_field(config, field))
         if not values:

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from genclip_jax import ablate, defaults, evaluate, train
+from genclip_jax import ablate, defaults, evaluate, train, train_eval
 from genclip_jax.backbone import load_backbone
 from genclip_jax.data.synthetic import write_synthetic_dataset
 
@@ -109,7 +109,7 @@ def test_tiny_end_to_end_ablation(tmp_path, monkeypatch, capsys):
 
     # The same sweep again: every cell is finished, nothing trains, the table is the same.
     tables = {p.name: p.read_text() for p in out.glob("ablation.*")}
-    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
+    monkeypatch.setattr(train_eval, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
     assert ablate.run_ablation(config, str(out), ["gqp_only", "dual_branch"], [0]) == result
     assert {p.name: p.read_text() for p in out.glob("ablation.*")} == tables
 
@@ -130,7 +130,7 @@ def _fake_training(monkeypatch) -> list[str]:
         return {"a": {"image_auroc": a, "pixel_auroc": 0.9},
                 "b": {"image_auroc": a + 0.2, "pixel_auroc": 0.9}}
 
-    monkeypatch.setattr(train, "train_and_evaluate", fake)
+    monkeypatch.setattr(train_eval, "train_and_evaluate", fake)
     return calls
 
 

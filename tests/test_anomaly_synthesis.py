@@ -112,9 +112,11 @@ def _epoch(dataset, batch_size, process_count, synth, epoch=1):
     """{dataset index: (image, mask, label, has_mask, specie)} of one epoch over all hosts."""
     rows = {}
     for host in range(process_count):
+        plan = pipeline.host_batch_indices(len(dataset), batch_size, shuffle=True, seed=4,
+                                           epoch=epoch, process_index=host,
+                                           process_count=process_count)
         for batch in pipeline.batches(
-            dataset, batch_size, shuffle=True, seed=4, epoch=epoch, process_index=host,
-            process_count=process_count, image_size=S, prefetch=0,
+            dataset, plan, image_size=S, prefetch=0,
             synthesize=synth.for_epoch(dataset.labels, epoch),
         ):
             for r, i in enumerate(batch["index"]):

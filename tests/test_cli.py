@@ -48,7 +48,7 @@ def test_an_unknown_command_prints_the_usage():
     assert result.returncode == 2
     assert result.stderr.startswith("genclip-jax: expected a command, got 'fit'\n\n")
     assert ("usage: genclip-jax {train,eval,calibrate,predict,convert,make-meta,synthetic,demo,"
-            "ablate}" in result.stderr)
+            "ablate,benchmark}" in result.stderr)
     assert f"  make-meta  {cli.COMMANDS['make-meta'].summary}\n" in result.stderr
 
 
@@ -58,8 +58,8 @@ def test_help_lists_every_command_with_a_summary_and_an_example(flag):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == (
-        "usage: genclip-jax {train,eval,calibrate,predict,convert,make-meta,synthetic,demo,ablate}"
-        " [flags]"
+        "usage: genclip-jax {train,eval,calibrate,predict,convert,make-meta,synthetic,demo,ablate,"
+        "benchmark} [flags]"
     )
     for name, command in cli.COMMANDS.items():
         summary = lines.index(f"  {name:<9}  {command.summary}")
@@ -79,6 +79,7 @@ COMMAND_FLAGS = {
     "synthetic": ["out", "seed", "overwrite", "layout"],
     "demo": ["config", "workdir", "profile"],
     "ablate": ["config", "workdir", "sweep", "seeds", "profile"],
+    "benchmark": ["config", "workdir", "source", "targets", "roots", "seeds", "profile"],
 }
 
 

@@ -32,7 +32,7 @@ def tiny_clip() -> tuple[CLIP, dict]:
 def template_feature(word: str) -> np.ndarray:
     """(D,) frozen text embedding of the CNF template filled with `word`."""
     clip, params = tiny_clip()
-    ids = jnp.asarray(tokenize([cnf_config("B").template.format(word)]))
+    ids = jnp.asarray(tokenize([cnf_config("B").template.format(cnf.with_article(word))]))
     return np.asarray(clip.apply({"params": params}, ids, method=CLIP.encode_text))[0]
 
 
@@ -68,12 +68,28 @@ def test_rule_b_keeps_an_aligned_name_and_replaces_an_unaligned_one():
     kept = decide_b("bottle", images_like("bottle"))
     assert kept.kept and kept.word == "bottle" and kept.rule == "B"
     assert kept.score_name > kept.score_generic
-    # Images that look like "a photo of a object." (generic) -> the name is replaced.
+    # Images that look like "a photo of an object." (generic) -> the name is replaced.
     replaced = decide_b("pcb1", images_like("object"))
     assert not replaced.kept and replaced.word == "object"
     assert replaced.score_generic > replaced.score_name
     # The test does not hinge on the name alone: the same name with generic-looking images.
     assert not decide_b("bottle", images_like("object")).kept
+
+
+def test_template_takes_the_word_with_its_article():
+    assert cnf_config("B").template.format(cnf.with_article("object")) == "a photo of an object."
+    assert [cnf.with_article(w) for w in ("bottle", "Object", "metal nut", "egg carton")] == [
+        "a bottle", "an Object", "a metal nut", "an egg carton"]
+    # Rule B scores the generic word as "an object": images equal to that text embedding
+    # align with it exactly (cosine 1), not with "a object".
+    clip, params = tiny_clip()
+    exact = template_feature("object")[None]
+    wrong_ids = jnp.asarray(tokenize(["a photo of a object."]))
+    wrong = np.asarray(clip.apply({"params": params}, wrong_ids, method=CLIP.encode_text))
+    d = decide_b("bottle", exact)
+    assert d.score_generic == pytest.approx(1.0, abs=1e-9)
+    cos_wrong = float((exact @ wrong.T).item() / np.linalg.norm(exact) / np.linalg.norm(wrong))
+    assert cos_wrong < 1.0 - 1e-6
 
 
 def test_rule_b_margin_is_a_strict_threshold_on_the_score_gap():

@@ -156,13 +156,18 @@ def test_skip_unreadable_turns_a_nan_image_into_an_invalid_row(tmp_path):
     nan[3, 3] = np.nan
     good = Image.new("RGB", (8, 8), (10, 20, 30))
     dataset = _folder_dataset(tmp_path / "imgs", {"a.png": good, "b.tif": Image.fromarray(nan)})
-    kwargs = dict(image_size=S, process_index=0, process_count=1, prefetch=0)
-    (batch,) = pipeline.batches(dataset, 2, skip_unreadable=True, **kwargs)
+    kwargs = dict(image_size=S, prefetch=0)
+    (batch,) = pipeline.batches(dataset, _plan(dataset, 2), skip_unreadable=True, **kwargs)
     assert batch["valid"].tolist() == [True, False] and batch["index"].tolist() == [0, 1]
     assert batch["img_path"].tolist() == ["a.png", ""] and not batch["image"][1].any()
     np.testing.assert_array_equal(batch["image"][0], pipeline.image_transform(good, S))
     with pytest.raises(ValueError, match=r"b\.tif: float image has 1 non-finite"):
-        list(pipeline.batches(dataset, 2, **kwargs))
+        list(pipeline.batches(dataset, _plan(dataset, 2), **kwargs))
+
+def _plan(dataset, batch_size, **order):
+    """The batches' dataset indices on this (single) host."""
+    return pipeline.host_batch_indices(len(dataset), batch_size, **order)
+
 
 def test_mask_rule(tmp_path):
     values = np.array([[0, 1, 128, 255]] * 4, np.uint8).repeat(4, 1)  # 4x16, non-binary
@@ -238,7 +243,7 @@ def test_bad_inputs(tmp_path):
         dataset.read(1)
 
 
-def test_image_folder_dataset(tmp_path):
+def test_scan_image_folder(tmp_path):
     Image.new("RGB", (12, 8), (1, 2, 3)).save(tmp_path / "b.png")
     (tmp_path / "sub").mkdir()
     Image.new("L", (8, 8), 7).save(tmp_path / "sub" / "a.jpg")
@@ -246,20 +251,23 @@ def test_image_folder_dataset(tmp_path):
     good = tmp_path / "c.png"
     Image.new("RGB", (64, 64), (5, 5, 5)).save(good)
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:40])
+    entries, skipped = pipeline.scan_image_folder(tmp_path)
+    assert skipped == ["cut.png", "notes.txt"]
     with pytest.warns(UserWarning, match=r"skipped 2 file\(s\).*\['cut\.png', 'notes\.txt'\]"):
-        dataset = pipeline.image_folder_dataset(tmp_path)
+        pipeline.warn_skipped(tmp_path, skipped)
+    dataset = pipeline.Dataset.from_entries(tmp_path, entries)
     assert len(dataset) == 3
     assert [dataset.read(i).img_path for i in range(3)] == ["b.png", "c.png", "sub/a.jpg"]
     sample = dataset.load(2, S)
     assert sample["label"] == -1 and sample["mask"].sum() == 0
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="at least one readable image"):
-        pipeline.image_folder_dataset(tmp_path / "empty")
+        pipeline.scan_image_folder(tmp_path / "empty")
 
 
 def test_batches_padding_and_keys(root):
     dataset = pipeline.Dataset.from_meta(root)  # 8 samples
-    out = list(pipeline.batches(dataset, 3, image_size=S, process_index=0, process_count=1))
+    out = list(pipeline.batches(dataset, _plan(dataset, 3), image_size=S))
     assert len(out) == pipeline.num_batches(8, 3) == 3
     last = out[-1]
     assert last["valid"].tolist() == [True, True, False]
@@ -308,10 +316,11 @@ def test_host_shards_union_is_the_global_batch(hosts):
 
 def test_host_batches_concatenate_to_single_host(root):
     dataset = pipeline.Dataset.from_meta(root)
-    kwargs = dict(shuffle=True, seed=1, epoch=2, image_size=16)
-    single = list(pipeline.batches(dataset, 6, process_index=0, process_count=1, **kwargs))
+    order = dict(shuffle=True, seed=1, epoch=2)
+    single = list(pipeline.batches(dataset, _plan(dataset, 6, **order), image_size=16))
     hosts = [
-        list(pipeline.batches(dataset, 6, process_index=h, process_count=2, **kwargs))
+        list(pipeline.batches(dataset, _plan(dataset, 6, process_index=h, process_count=2,
+                                             **order), image_size=16))
         for h in range(2)
     ]
     assert len(hosts[0]) == len(hosts[1]) == len(single) == 2
@@ -323,14 +332,14 @@ def test_host_batches_concatenate_to_single_host(root):
 
 def test_prefetch_same_batches_errors_and_early_stop(root, tmp_path):
     dataset = pipeline.Dataset.from_meta(root)
-    kwargs = dict(image_size=16, process_index=0, process_count=1)
-    sync = list(pipeline.batches(dataset, 3, prefetch=0, **kwargs))
-    ahead = list(pipeline.batches(dataset, 3, prefetch=3, num_threads=2, **kwargs))
+    kwargs = dict(image_size=16)
+    sync = list(pipeline.batches(dataset, _plan(dataset, 3), prefetch=0, **kwargs))
+    ahead = list(pipeline.batches(dataset, _plan(dataset, 3), prefetch=3, num_threads=2, **kwargs))
     for a, b in zip(sync, ahead, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
 
-    iterator = pipeline.batches(dataset, 2, prefetch=1, **kwargs)
+    iterator = pipeline.batches(dataset, _plan(dataset, 2), prefetch=1, **kwargs)
     next(iterator)
     iterator.close()  # the consumer stops early: the background thread must end
     assert not [t for t in threading.enumerate() if t.name == "genclip-prefetch"]
@@ -338,7 +347,7 @@ def test_prefetch_same_batches_errors_and_early_stop(root, tmp_path):
     broken = _tree(tmp_path, Image.new("RGB", (8, 8)))
     (tmp_path / "c/test/bad/0.png").write_bytes(b"broken")
     with pytest.raises(ValueError, match=r"0\.png: cannot decode image"):
-        list(pipeline.batches(broken, 1, prefetch=2, **kwargs))
+        list(pipeline.batches(broken, _plan(broken, 1), prefetch=2, **kwargs))
 
 
 def test_from_meta_classes(root):

@@ -130,3 +130,46 @@ def test_genclip_eval_runs_class_name_filtering_and_saves_it(data_root, tmp_path
     kept = decisions["disc"]["score_name"] - decisions["disc"]["score_generic"] > 0
     assert decisions["disc"]["kept"] is kept
     assert decisions["disc"]["word"] == ("disc" if kept else "object")
+
+
+def test_streamed_evaluation_equals_the_whole_set_computation(data_root, tmp_path):
+    """eval computes each class as it completes: the same values as the metrics of the whole
+    set's maps at once; eval.metric_size changes the pixel metrics only."""
+    config = tiny_config(data_root)
+    params = _prompt_params(config)
+    meta = meta_lib.read_meta(data_root / "meta.json", root=data_root)
+    entries = meta_lib.split_entries(meta, "test")
+    config.eval.batch_size, config.parallel.num_devices = 3, 1  # batches straddle classes
+    model = evaluate.load_model(config, "", params)
+    whole = evaluate.class_rows(entries, evaluate.predict_dataset(
+        config, model, pipeline.Dataset.from_entries(data_root, entries)), config)
+    streamed = evaluate.evaluate(config, "", params, out=str(tmp_path / "out"))
+    assert streamed == whole
+
+    config.eval.metric_size = 56
+    smaller = evaluate.evaluate(config, "", params, out=str(tmp_path / "out56"))
+    for cls, row in smaller.items():
+        for name, value in row.items():
+            if name.startswith("image_"):
+                assert value == whole[cls][name], name
+        assert row["pixel_auroc"] != whole[cls]["pixel_auroc"]
+
+
+def test_stream_holds_one_class_at_a_time(data_root):
+    config = tiny_config(data_root)
+    meta = meta_lib.read_meta(data_root / "meta.json", root=data_root)
+    entries = meta_lib.split_entries(meta, "test")
+    entries = entries + [{**e, "cls_name": "copy"} for e in entries]  # two classes
+    config.eval.batch_size, config.parallel.num_devices = 3, 1
+    model = evaluate.load_model(config, "", _prompt_params(config))
+    items = list(evaluate.stream_classes(
+        config, model, pipeline.Dataset.from_entries(data_root, entries), entries))
+    *classes, value_range = items
+    assert [c.name for c in classes] == ["disc", "copy"]
+    n = len(entries) // 2
+    np.testing.assert_array_equal(classes[1].indices, np.arange(n, 2 * n))
+    np.testing.assert_array_equal(classes[0].results["anomaly_map"],
+                                  classes[1].results["anomaly_map"])
+    assert len(classes[0].shown) == config.eval.heatmaps_per_class
+    assert value_range[0] == classes[0].results["anomaly_map"].min()
+    assert value_range[1] == classes[0].results["anomaly_map"].max()

@@ -13,7 +13,7 @@ import pytest
 
 from genclip_jax import defaults, maps
 from genclip_jax.backbone import load_backbone
-from genclip_jax.clip.tokenizer import default_tokenizer, encode
+from genclip_jax.clip.tokenizer import EOT_ID, SOT_ID, encode
 from genclip_jax.methods.genclip import GenCLIP
 from genclip_jax.prompts import genclip as prompts
 
@@ -83,16 +83,15 @@ def test_prompt_layout_is_static():
     cfg = method.cfg
     k, m = cfg.state_len, cfg.gqp_len
     ids = prompts.class_token_ids(cfg, "metal nut", 77)
-    tok = default_tokenizer()
     slot = encode(prompts.PLACEHOLDER)
     assert len(slot) == 1
     for row, words in zip(ids, (["metal nut."], ["damaged metal nut."]), strict=True):
         suffix = encode(words[0])
         eot = 1 + k + m + len(suffix)
-        assert row[0] == tok.sot_id
+        assert row[0] == SOT_ID
         assert (row[1 : 1 + k + m] == slot[0]).all()
         assert list(row[1 + k + m : eot]) == suffix
-        assert row[eot] == tok.eot_id and int(np.argmax(row)) == eot
+        assert row[eot] == EOT_ID and int(np.argmax(row)) == eot
         assert not row[eot + 1 :].any()
     np.testing.assert_array_equal(
         method.query_ids, prompts.class_token_ids(cfg, cfg.cnf.generic_word, 77))
@@ -109,11 +108,15 @@ def test_host_inputs_use_cnf_words_and_generic_padding():
     method, clip_params = make_method(cnf__rule="A")
     decisions = method.prepare_eval(clip_params, ["pcb1", "metal_nut"], class_features=None)
     assert {n: d.word for n, d in decisions.items()} == {"pcb1": "object", "metal_nut": "metal nut"}
-    ids = method.host_inputs({"cls_name": ["pcb1", "metal_nut", ""]})["prompt_ids"]
+    ids = method.host_inputs({"cls_name": ["pcb1", "metal_nut", ""]}, decisions)["prompt_ids"]
     assert ids.shape == (3, 2, 77) and ids.dtype == np.int32
     np.testing.assert_array_equal(ids[0], method.query_ids)
     np.testing.assert_array_equal(ids[2], method.query_ids)
     np.testing.assert_array_equal(ids[1], method._ids("metal nut"))
+    # The method itself is unchanged: without the decisions, pcb1 is its own word again.
+    plain = method.host_inputs({"cls_name": ["pcb1"]})["prompt_ids"]
+    np.testing.assert_array_equal(plain[0], method._ids("pcb1"))
+    assert not np.array_equal(plain[0], method.query_ids)
 
 
 def test_shapes_of_every_output():

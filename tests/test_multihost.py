@@ -11,7 +11,7 @@ import pytest
 from multihost_helpers import launch
 from train_helpers import tiny_config, write_dataset
 
-from genclip_jax import checkpoint, train
+from genclip_jax import checkpoint, train_eval
 from genclip_jax.backbone import load_backbone
 from genclip_jax.methods import create_method
 
@@ -36,7 +36,7 @@ def test_two_processes_match_one(data_root, tmp_path):
     config.train.epochs = 1
     config.eval.heatmaps_per_class = 0
     single = tmp_path / "single"
-    train.train_and_evaluate(config, str(single))
+    train_eval.train_and_evaluate(config, str(single))
 
     multi = tmp_path / "multi"
     results = launch(multi, data_root, 2)

@@ -109,6 +109,13 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
                 (root / "one_part" / "scores.jsonl").read_text().splitlines()]
     assert record["image"] == "000.png" and record["decision"] in ("normal", "anomalous")
 
+    # The papers' protocol on the same two sets: one table row per target, mean ± std.
+    commands = _block_after("<!-- tests/test_readme.py runs this block after the whole-path")
+    assert [c.split()[1] for c in commands] == ["benchmark"]
+    _run(commands, {"/tmp/genclip_try": str(root)})
+    table = (root / "table" / "protocol.md").read_text()
+    assert table.startswith("| dataset | seeds | image_auroc | image_ap | pixel_auroc |")
+    assert "| target | 111,112 | " in table and " ± " in table
 
 def test_winclip_zero_and_few_shot_without_training(tmp_path):
     commands = _block_after("<!-- tests/test_readme.py runs this WinCLIP block verbatim")

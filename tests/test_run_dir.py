@@ -20,7 +20,7 @@ def _run(tmp_path, config, with_checkpoint: bool = True) -> run_dir.RunDir:
 
 
 def test_every_listed_field_exists():
-    flat = run_dir._flatten(run_dir.config_to_dict(defaults.base_config()))
+    flat = run_dir._flat(run_dir.config_to_dict(defaults.base_config()))
     for field in run_dir.MODEL_FIELDS + run_dir.TRAINING_FIELDS:
         assert any(run_dir._covered(name, [field]) for name in flat), field
     assert not set(run_dir.MODEL_FIELDS) & set(run_dir.TRAINING_FIELDS)

@@ -224,9 +224,11 @@ def test_a_failed_start_never_blocks_the_corrected_command(data_root, tmp_path, 
     assert json.loads((workdir / "config.json").read_text())["prompts"]["n_ctx"] == 4
 
 
-def test_a_diverging_loss_stops_at_its_step_and_is_never_saved(data_root, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 1000])  # read every step, or only before the save
+def test_a_diverging_loss_stops_at_its_step_and_is_never_saved(data_root, tmp_path, log_every):
     config = tiny_config(data_root)
     config.train.lr = 1e30
+    config.train.log_every_steps = log_every
     with pytest.raises(train.NonFiniteLossError) as info:
         train.train(config, str(tmp_path / "run"))
     message = str(info.value)

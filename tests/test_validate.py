@@ -8,7 +8,7 @@ import time
 import pytest
 from train_helpers import tiny_config, write_dataset
 
-from genclip_jax import evaluate, predict, train, validate
+from genclip_jax import evaluate, predict, train, train_eval, validate
 from genclip_jax.clip.model import CLIPConfig
 
 
@@ -41,7 +41,7 @@ def test_every_choice_field_refuses_a_typo_before_any_work(field, data_root, tmp
     _set(config, field, allowed[-1] + "x")
     workdir = tmp_path / "run"
     message = _fails_fast_with_nothing_written(
-        lambda: train.train_and_evaluate(config, str(workdir)), field, workdir
+        lambda: train_eval.train_and_evaluate(config, str(workdir)), field, workdir
     )
     assert f"{field}: expected one of {list(allowed)}, got {allowed[-1] + 'x'!r}" in message
     assert f"(did you mean {allowed[-1]!r}?)" in message
@@ -62,6 +62,9 @@ def test_every_choice_field_refuses_a_typo_before_any_work(field, data_root, tmp
     ("genclip.layers", [6, 6], "genclip.layers: expected each layer once, got [6, 6]"),
     ("anomalyclip.features_list", [0], "anomalyclip.features_list: expected 1-indexed layer"),
     ("prompts.normal_state", "good", "prompts.normal_state: expected a template with one '{}'"),
+    ("genclip.cnf.template", "a photo of a {}.",
+     "genclip.cnf.template: '{}' takes the word with its article ('an object'); expected no "
+     "article before it, got 'a photo of a {}.'"),
     ("data.train_root", "", "data.train_root: set the root of the train dataset"),
 ])
 def test_bad_values_name_the_field_and_what_was_expected(
@@ -71,7 +74,7 @@ def test_bad_values_name_the_field_and_what_was_expected(
     _set(config, field, value)
     workdir = tmp_path / "run"
     _fails_fast_with_nothing_written(
-        lambda: train.train_and_evaluate(config, str(workdir)), "invalid config", workdir
+        lambda: train_eval.train_and_evaluate(config, str(workdir)), "invalid config", workdir
     )
     with pytest.raises(ValueError) as info:
         validate.validate(config, "train")

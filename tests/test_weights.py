@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 from fixtures import fixture_paths, load_sidecar
+from flax import traverse_util
 from make_torch_goldens import (
     HF_CONTEXT,
     HF_IMAGE,
@@ -54,8 +55,8 @@ def parity(got, ref) -> tuple[float, float]:
     return float(np.max(np.abs(got - ref))), 1e-4 * max(1.0, float(np.max(np.abs(ref))))
 
 
-def flat(tree, prefix=""):
-    return weights._flatten(tree, prefix)
+def flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def assert_same_params(a, b):
@@ -212,10 +213,11 @@ def test_hf_missing_and_unexpected_tensors_are_listed(hf):
 HUB_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import numpy as np
+    from flax import traverse_util
     from genclip_jax.clip import weights
     got = weights.load("tiny-org/tiny-clip")
     want = weights.load(sys.argv[1])
-    fg, fw = weights._flatten(got[1]), weights._flatten(want[1])
+    fg, fw = (traverse_util.flatten_dict(t[1], sep="/") for t in (got, want))
     same = got[0] == want[0] and sorted(fg) == sorted(fw) and all(
         np.array_equal(fg[k], fw[k]) for k in fg)
     start = time.perf_counter()

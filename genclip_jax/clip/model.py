@@ -96,13 +96,10 @@ class CLIP(nn.Module):
         """Runs both towers (used to create the parameters)."""
         return self.encode_image(images, (self.config.vision_layers,)), self.encode_text(token_ids)
 
-    def encode_image(
-        self,
-        images: jax.Array,
-        patch_layers: Sequence[int] = (),
-        hidden_layers: Sequence[int] = (),
-        hidden_stream: str = "vanilla",
-    ) -> VisionFeatures:
+    def encode_image(self, images: jax.Array, patch_layers: Sequence[int] = (),
+                     hidden_layers: Sequence[int] = (), hidden_stream: str = "vanilla",
+                     ) -> VisionFeatures:
+        """The vision tower's features (see `VisionTransformer.__call__` for the arguments)."""
         return self.visual(images, tuple(patch_layers), tuple(hidden_layers), hidden_stream)
 
     def window_features(

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from genclip_jax import torch_pickle
+from genclip_jax import torch_pickle, trees
 from genclip_jax.clip.model import ARCHITECTURES, CLIPConfig
 from genclip_jax.clip.transformer import ACTIVATIONS
 
@@ -234,29 +234,19 @@ def params_from_openai(sd: StateDict, config: CLIPConfig) -> dict:
 
     Missing, unexpected and mis-shaped tensors are all listed in one `ValueError`.
     """
-    expected = openai_shapes(config)
-    problems = []
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        problems.append(f"missing tensors {_listing(missing)}")
-    unexpected = sorted(set(sd) - set(expected) - _IGNORED)
-    if unexpected:
-        problems.append(f"unexpected tensors {_listing(unexpected)}")
-    wrong = [
-        f"{k}: expected shape {expected[k]}, got {tuple(np.shape(sd[k]))}"
-        for k in sorted(set(expected) & set(sd))
-        if tuple(np.shape(sd[k])) != expected[k]
-    ]
-    if wrong:
-        problems.append(f"wrong shapes {_listing(wrong)}")
+    got = {k: np.shape(v) for k, v in sd.items() if k not in _IGNORED}
+    diff = trees.shape_differences(got, openai_shapes(config))
+    problems = [f"{what} {_listing(names)}" for what, names in (
+        ("missing tensors", diff.missing), ("unexpected tensors", diff.unexpected),
+        ("wrong shapes", [f"{k}: expected shape {want}, got {have}"
+                          for k, have, want in diff.wrong]),
+    ) if names]
     if problems:
         raise ValueError(
             "checkpoint does not fit the CLIP architecture inferred from it "
             f"({_describe(config)}): " + "; ".join(problems)
         )
-    params = _openai_tree(sd, config)
-    check_shapes(params, config)
-    return params
+    return _openai_tree(sd, config)
 
 
 def _describe(config: CLIPConfig) -> str:
@@ -265,43 +255,6 @@ def _describe(config: CLIPConfig) -> str:
         f"res {config.image_resolution}, text {config.text_layers}x{config.text_width}, "
         f"embed {config.embed_dim}"
     )
-
-
-def check_shapes(params: Mapping, config: CLIPConfig) -> None:
-    """Compares a tree with the shapes `config` implies; lists every mismatch."""
-    import jax
-
-    from genclip_jax.clip.model import CLIP
-
-    res = config.image_resolution
-    expected = jax.eval_shape(
-        lambda: CLIP(config).init(
-            jax.random.PRNGKey(0), np.zeros((1, res, res, 3), np.float32),
-            np.zeros((1, config.context_length), np.int32),
-        )["params"]
-    )
-    flat_expected = _flatten(expected)
-    flat_got = _flatten(params)
-    problems = [f"missing {k}" for k in sorted(set(flat_expected) - set(flat_got))]
-    problems += [f"unexpected {k}" for k in sorted(set(flat_got) - set(flat_expected))]
-    problems += [
-        f"{k}: expected shape {tuple(flat_expected[k].shape)}, got {tuple(np.shape(v))}"
-        for k, v in sorted(flat_got.items())
-        if k in flat_expected and tuple(flat_expected[k].shape) != tuple(np.shape(v))
-    ]
-    if problems:
-        raise ValueError("checkpoint does not fit the CLIP architecture: " + "; ".join(problems))
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -393,6 +346,7 @@ def _hf_from_flax_msgpack(path: pathlib.Path) -> dict[str, np.ndarray]:
     Flax layout: nested dicts, Dense `kernel` (in, out), Conv `kernel` HWIO, LayerNorm `scale`,
     Embed `embedding`; torch layout: `weight` (out, in), OIHW, `weight`, `weight`.
     """
+    from flax import traverse_util
     from flax.serialization import msgpack_restore
 
     tree = msgpack_restore(pathlib.Path(path).read_bytes())
@@ -401,8 +355,7 @@ def _hf_from_flax_msgpack(path: pathlib.Path) -> dict[str, np.ndarray]:
     if set(tree) == {"params"}:
         tree = tree["params"]
     flat: dict[str, np.ndarray] = {}
-    for key, value in _flatten(tree).items():
-        name = key.replace("/", ".")
+    for name, value in traverse_util.flatten_dict(tree, sep=".").items():
         value = np.asarray(value)
         if name.endswith(".kernel"):
             name = name[: -len(".kernel")] + ".weight"

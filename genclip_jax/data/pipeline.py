@@ -420,13 +420,6 @@ def warn_skipped(folder: str | os.PathLike, skipped: Sequence[str]) -> None:
         )
 
 
-def image_folder_dataset(folder: str | os.PathLike) -> Dataset:
-    """Every image under `folder` (see `scan_image_folder`), non-images skipped with a warning."""
-    entries, skipped = scan_image_folder(folder)
-    warn_skipped(folder, skipped)
-    return Dataset.from_entries(folder, entries)
-
-
 # ----------------------------------------------------------------------------------------------
 # Batching, sharding, prefetch.
 
@@ -443,14 +436,16 @@ def host_batch_indices(
     shuffle: bool = False,
     seed: int = 0,
     epoch: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> np.ndarray:
     """(num_batches, batch_size / process_count) int32 dataset indices of this host, -1 = padding.
 
     The order depends only on (n, seed, epoch, shuffle), never on the host, so the union of the
-    hosts' rows of a step is the single-host global batch.
+    hosts' rows of a step is the single-host global batch. Host defaults: jax.process_index/count.
     """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
         raise ValueError(
             f"batch_size {batch_size} must be a multiple of process_count {process_count}"
@@ -536,13 +531,8 @@ def _prefetch(items: Generator, size: int) -> Iterator:
 
 def batches(
     dataset: Dataset,
-    batch_size: int,
+    plan: np.ndarray,
     *,
-    shuffle: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
     prefetch: int = 2,
     image_size: int = DEFAULT_IMAGE_SIZE,
     num_threads: int | None = None,
@@ -550,25 +540,15 @@ def batches(
     skip_unreadable: bool = False,
     synthesize: Synthesize | None = None,
 ) -> Iterator[dict]:
-    """This host's batches of one epoch (see the module docstring for keys and sharding).
-
-    `batch_size` is the global batch; host defaults come from jax.process_index/count. Decoding
-    runs on `num_threads` threads (PIL releases the GIL) and `prefetch` batches are prepared
-    ahead in a background thread (0 = synchronous) so the accelerator does not wait on PIL.
+    """This host's batches of one epoch, one per row of `plan` (its `host_batch_indices`; see the
+    module docstring for keys and sharding). Decoding runs on `num_threads` threads (PIL
+    releases the GIL) and `prefetch` batches are prepared ahead in a background thread
+    (0 = synchronous) so the accelerator does not wait on PIL.
     `with_images=False` decodes no image at all (masks, labels and metadata only: for epochs
     whose vision features are cached); `skip_unreadable` turns a sample that fails to load into a
     padding row that keeps its index (for `predict` over arbitrary folders); `synthesize` is
     handed to `Dataset.load` (training augmentation).
     """
-    plan = host_batch_indices(
-        len(dataset),
-        batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        epoch=epoch,
-        process_index=jax.process_index() if process_index is None else process_index,
-        process_count=jax.process_count() if process_count is None else process_count,
-    )
     workers = num_threads or min(8, os.cpu_count() or 1)
 
     def load(i: int) -> dict | None:

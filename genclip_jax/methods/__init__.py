@@ -21,6 +21,9 @@ from genclip_jax.methods.genclip import GenCLIP
 from genclip_jax.methods.winclip import WinCLIP
 
 PyTree = Any
+Adaptation = Mapping[str, Any]
+"""What `prepare_eval` returns: {class name: decision}, each decision a dataclass (evaluation
+logs it and saves it as class_names.json); {} for a method that does not adapt."""
 
 
 @runtime_checkable
@@ -30,7 +33,10 @@ class Method(Protocol):
     The frozen vision forward (`encode_images`) is apart from what uses the learnable params
     (`loss`, `predict`), so training can cache its output. Every array argument of the jitted
     calls is a global batch: images (B, S, S, 3) CLIP-normalised, `batch` the numeric fields of
-    a host batch (mask (B, S, S), label (B,), valid (B,), plus `host_inputs`).
+    a host batch (mask (B, S, S), label (B,), valid (B,), plus `host_inputs`). A method holds no
+    state beyond its config: what evaluation adapts is returned, and passed back in. Jitted steps
+    take the method as a static argument, so methods that compare equal must compute the same
+    (the built-in ones compare by config, `methods.config_key`; by default, by identity).
     """
 
     name: str
@@ -39,8 +45,11 @@ class Method(Protocol):
     def init(self, rng: jax.Array) -> PyTree:
         """The learnable params; an empty dict for a method with nothing to train."""
 
-    def host_inputs(self, batch: dict) -> dict[str, np.ndarray]:
-        """Numeric arrays the device step needs from the batch's metadata (`cls_name`, ...)."""
+    def host_inputs(
+        self, batch: dict, adaptation: Adaptation | None = None
+    ) -> dict[str, np.ndarray]:
+        """Numeric arrays the device step needs from the batch's metadata (`cls_name`, ...),
+        under `prepare_eval`'s `adaptation` (None: the classes as named, as in training)."""
 
     def encode_images(self, clip_params: PyTree, images: jax.Array) -> VisionFeatures:
         """Frozen vision features (no gradient): what `loss` and `predict` take."""
@@ -51,10 +60,9 @@ class Method(Protocol):
     def prepare_eval(
         self, clip_params: PyTree, class_names: list[str],
         class_features: Callable[[str], np.ndarray],
-    ) -> dict[str, Any]:
-        """Adapts to the test classes before evaluation (`class_features(name)`: that class's
-        (N, D) `class_image_features`, computed only if asked for); returns the decision per
-        class, or {} when the method does not adapt."""
+    ) -> Adaptation:
+        """The adaptation to the test classes (`class_features(name)`: that class's (N, D)
+        `class_image_features`, computed only if asked for), for `host_inputs`."""
 
     def loss(
         self, params: PyTree, clip_params: PyTree, feats: VisionFeatures, batch: dict

@@ -13,15 +13,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import FrozenConfigDict
 
 from genclip_jax import losses, maps
 from genclip_jax.clip import model as clip_model
 from genclip_jax.clip.model import CLIP, CLIPConfig
 from genclip_jax.clip.vision import VisionFeatures
+from genclip_jax.methods.config_key import ConfigKeyed
 from genclip_jax.prompts import anomalyclip as prompts
 
 
-class AnomalyCLIP:
+class AnomalyCLIP(ConfigKeyed):
     """Method interface (shared with GenCLIP) so that train/eval never branch on the method.
 
     `encode_images` is the frozen part (cacheable); `loss` and `predict` take its output.
@@ -31,6 +33,8 @@ class AnomalyCLIP:
     needs_class_name = False  # object-agnostic prompts
 
     def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
+        self.config_key = (FrozenConfigDict(config.model), FrozenConfigDict(config.anomalyclip),
+                           FrozenConfigDict(config.prompts), clip_config)
         self.cfg = config.anomalyclip
         self.prompt_cfg = config.prompts
         self.image_size = config.model.image_size
@@ -65,9 +69,9 @@ class AnomalyCLIP:
                 hints.append(f"prompts.deep_length={length} (config: {cfg.deep_length})")
         return hints
 
-    def host_inputs(self, batch: dict) -> dict:
+    def host_inputs(self, batch: dict, adaptation: Mapping[str, Any] | None = None) -> dict:
         """Extra numeric arrays the device step needs from host metadata (none here)."""
-        del batch
+        del batch, adaptation
         return {}
 
     def prepare_eval(self, clip_params: Any, class_names: list[str], class_features) -> dict:

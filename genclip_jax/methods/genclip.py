@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from ml_collections import FrozenConfigDict
 
 from genclip_jax import losses, maps
 from genclip_jax.clip import model as clip_model
 from genclip_jax.clip.model import CLIP, CLIPConfig
 from genclip_jax.clip.vision import VisionFeatures
+from genclip_jax.methods.config_key import ConfigKeyed
 from genclip_jax.prompts import cnf
 from genclip_jax.prompts import genclip as prompts
 
@@ -29,13 +31,15 @@ IMAGE_SCORES = ("mix", "global", "max")
 IMAGE_TEXT_LAYERS = ("last", "mean")
 
 
-class GenCLIP:
+class GenCLIP(ConfigKeyed):
     """See `genclip_jax.methods` for the interface."""
 
     name = "genclip"
     needs_class_name = True  # the vision-enhanced prompts name the class (or the generic word)
 
     def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
+        self.config_key = (FrozenConfigDict(config.model), FrozenConfigDict(config.genclip),
+                           clip_config)
         self.cfg = config.genclip
         self.image_size = config.model.image_size
         self.clip = CLIP(clip_config)
@@ -52,14 +56,14 @@ class GenCLIP:
                 f"got {self.cfg.image_text_layer!r}"
             )
         self.use_mvp = prompts.uses_mvp(self.cfg)
-        # Class name -> prompt word. Empty while training (names used as they are); filled by
-        # `prepare_eval` with the CNF decisions.
-        self.class_words: dict[str, str] = {}
         self.query_ids = jnp.asarray(self._ids(self.cfg.cnf.generic_word))
 
-    def _word(self, class_name: str) -> str:
-        """The prompt word of a class: CNF's decision once made, else the name as words."""
-        return self.class_words.get(class_name, prompts.normalize_class_name(class_name))
+    @staticmethod
+    def _word(class_name: str, decisions: Mapping[str, cnf.Decision] | None = None) -> str:
+        """The prompt word of a class: CNF's decision where made, else the name as words."""
+        if decisions and class_name in decisions:
+            return decisions[class_name].word
+        return prompts.normalize_class_name(class_name)
 
     def _ids(self, word: str) -> np.ndarray:
         return prompts.class_token_ids(self.cfg, word, self.clip_config.context_length)
@@ -93,9 +97,12 @@ class GenCLIP:
             hints.append(f"genclip.deep_length={length} (config: {cfg.deep_length})")
         return hints
 
-    def host_inputs(self, batch: dict) -> dict:
-        """(B, 2, context) prompt ids of each image's class word; padding rows get the generic."""
-        words = [self._word(name) if name else self.cfg.cnf.generic_word
+    def host_inputs(
+        self, batch: dict, adaptation: Mapping[str, cnf.Decision] | None = None
+    ) -> dict:
+        """(B, 2, context) prompt ids of each image's class word (after CNF's `adaptation`, if
+        given); padding rows get the generic word."""
+        words = [self._word(name, adaptation) if name else self.cfg.cnf.generic_word
                  for name in batch["cls_name"]]
         return {"prompt_ids": np.stack([self._ids(w) for w in words]).astype(np.int32)}
 
@@ -115,8 +122,9 @@ class GenCLIP:
     def text_features(
         self, params: dict, clip_params: Any, class_name: str | None = None
     ) -> jax.Array:
-        """(2, D) GQP prompt features for `class_name` (None: the generic word), without MVP:
-        the vision-enhanced prompts of an image add its MVP tokens to these."""
+        """(2, D) GQP prompt features for `class_name` as words (None: the generic word; after
+        CNF, pass the decision's word), without MVP: the vision-enhanced prompts of an image add
+        its MVP tokens to these."""
         word = self._word(class_name) if class_name else self.cfg.cnf.generic_word
         ids = jnp.asarray(self._ids(word))
         return prompts.text_features(self.clip, clip_params, params, ids, self.cfg)
@@ -203,10 +211,10 @@ class GenCLIP:
         class_names: list[str],
         class_features: Callable[[str], np.ndarray],
     ) -> dict[str, cnf.Decision]:
-        """Runs CNF on the test classes; `class_features(name)` gives a class's (N, D) image
-        embeddings from `class_image_features` (called only by rule B)."""
+        """CNF's decision for each test class, for `host_inputs`; `class_features(name)` gives a
+        class's (N, D) image embeddings from `class_image_features` (called only by rule B)."""
         cfg = self.cfg.cnf
-        decisions = {
+        return {
             name: cnf.decide(
                 name, cfg, clip=self.clip, clip_params=clip_params,
                 image_features=class_features(name) if cfg.rule == "B" else None,
@@ -214,5 +222,3 @@ class GenCLIP:
             )
             for name in class_names
         }
-        self.class_words = {name: d.word for name, d in decisions.items()}
-        return decisions

@@ -4,7 +4,8 @@ knows it, else use the generic word (genclip spec section 4).
 Rules (`genclip.cnf.rule`):
   "B"   (default, the paper's Fig. 3a: frozen image and text encoders): keep the name iff the
         class's unlabelled test images align better with "a photo of a {name}." than with
-        "a photo of a {generic}." by more than `margin` (mean cosine over the images);
+        "a photo of an {generic}." by more than `margin` (mean cosine over the images; the
+        template's "{}" takes the word with its article, `with_article`);
   "A"   every word of the name is one whole-word BPE token and has no digit;
   "A'"  keep unless the name has a digit or none of its words is recognised, a word being
         recognised if it is one whole-word BPE token or splits into BPE pieces of at least
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from genclip_jax.clip.model import CLIP
-from genclip_jax.clip.tokenizer import default_tokenizer, is_whole_word_token, tokenize
+from genclip_jax.clip.tokenizer import END_OF_WORD, is_whole_word_token, tokenize, tokens
 from genclip_jax.prompts.genclip import normalize_class_name
 
 RULES = ("B", "A", "A'", "off")
@@ -40,7 +41,13 @@ class Decision:
     kept: bool
     rule: str
     score_name: float | None = None  # mean cos(image, "a photo of a {name}.") (rule B)
-    score_generic: float | None = None  # mean cos(image, "a photo of a {generic}.") (rule B)
+    score_generic: float | None = None  # mean cos(image, "a photo of an {generic}.") (rule B)
+
+
+def with_article(word: str) -> str:
+    """'bottle' -> 'a bottle', 'object' -> 'an object' (by the first letter: English
+    exceptions such as 'an hour' are not worth a dictionary for class names)."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def _has_digit(name: str) -> bool:
@@ -51,9 +58,7 @@ def _recognised_word(word: str) -> bool:
     """Rule A' word test: a whole-word token, or BPE pieces of >= MIN_PIECE_CHARS characters."""
     if is_whole_word_token(word):
         return True
-    tokenizer = default_tokenizer()
-    pieces = [s.removesuffix("</w>") for p in tokenizer.pieces(word) for s in tokenizer.bpe(p)]
-    return all(len(piece) >= MIN_PIECE_CHARS for piece in pieces)
+    return all(len(s.removesuffix(END_OF_WORD)) >= MIN_PIECE_CHARS for s in tokens(word))
 
 
 def vocabulary_rule(name: str, strict: bool) -> bool:
@@ -74,9 +79,10 @@ def alignment_scores(
     template: str,
     context_length: int,
 ) -> tuple[float, float]:
-    """Mean cosine of (N, D) image features (N >= 1) with the template filled by each word
-    (cosines in float64 on the host, so decisions do not depend on the device's matmul)."""
-    ids = jnp.asarray(tokenize([template.format(w) for w in words], context_length))
+    """Mean cosine of (N, D) image features (N >= 1) with the template filled by each word and
+    its article (cosines in float64 on the host, so decisions do not depend on the device's
+    matmul)."""
+    ids = jnp.asarray(tokenize([template.format(with_article(w)) for w in words], context_length))
     text = np.asarray(clip.apply({"params": clip_params}, ids, method=CLIP.encode_text),
                       np.float64)
     images = np.asarray(image_features, np.float64)

@@ -1,0 +1,149 @@
+"""The papers' cross-dataset protocol in one command: train on a source set once per seed,
+evaluate zero-shot on every target set, and write the table of the papers' Table 1.
+
+    <workdir>/seed<k>/                    the run trained on the source set with train.seed=k
+    <workdir>/seed<k>/eval/<target>/      its evaluation on a target (tables, heatmaps)
+    <workdir>/seed<k>/cells/<target>.json the finished (seed, target) cell: its class rows
+    <workdir>/protocol.{md,csv,json}      rows: target sets; columns: the paper's metrics,
+                                          mean ± std over seeds of each seed's class mean
+    <workdir>/classes/<target>.{md,csv,json}  per-class table of a target, mean ± std over seeds
+
+A finished cell is kept, not recomputed, and a finished training (its `trained.json`) is not
+repeated, so a rerun after a crash or with more targets or seeds does only what is missing. Runs
+multi-host like `train` (every process runs the loop; process 0 writes the tables).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import jax
+import ml_collections
+from absl import logging
+
+from genclip_jax import ablate, evaluate, train, validate
+from genclip_jax.files import write_atomic
+
+# The columns of the papers' Table 1, in their order (those the config computes).
+PAPER_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
+TRAINED_FILE = "trained.json"
+
+
+def parse_roots(items: Sequence[str]) -> dict[str, str]:
+    """['mvtec=/data/mvtec', ...] -> {name: root}."""
+    roots = {}
+    for item in items:
+        name, sep, root = item.partition("=")
+        if not sep or not name.strip() or not root.strip():
+            raise ValueError(f"--roots: expected name=path items, got {item!r}")
+        if name.strip() in roots:
+            raise ValueError(f"--roots: {name.strip()!r} is given twice")
+        roots[name.strip()] = root.strip()
+    return roots
+
+
+def _check(source: str, targets: Sequence[str], roots: Mapping[str, str],
+           seeds: Sequence[int]) -> None:
+    """Everything that can fail before any training: names, roots, seeds."""
+    if not targets:
+        raise ValueError("--targets: expected at least one target set")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"--targets: each set once, got {list(targets)}")
+    missing = [n for n in (source, *targets) if n not in roots]
+    if missing:
+        raise ValueError(f"--roots: no root for {missing}; give name=path for every set "
+                         f"(have {sorted(roots)})")
+    for name in (source, *targets):
+        if not (pathlib.Path(roots[name]) / "meta.json").is_file():
+            raise FileNotFoundError(f"--roots: {name}={roots[name]} has no meta.json (write it "
+                                    "with `genclip-jax make-meta`)")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct training seeds, got {list(seeds)}")
+
+
+def _read_rows(path: pathlib.Path, test_root: str) -> dict | None:
+    """The rows of a finished cell for `test_root`, None if absent; another root raises."""
+    if not path.is_file():
+        return None
+    cell = ablate.read_cell(path)
+    if os.path.normpath(str(cell["test_root"])) != os.path.normpath(test_root):
+        raise ValueError(f"{path}: evaluated on {cell['test_root']!r}, the protocol now names "
+                         f"{test_root!r}; delete the cell to recompute it or use another workdir")
+    return cell["rows"]
+
+
+def paper_columns(table: Mapping[str, dict]) -> dict[str, dict]:
+    """The table's entries with the paper's metrics only (those computed), in their order."""
+    names = [m for m in PAPER_METRICS if m in ablate.document(table)["metrics"]]
+    return {name: {**entry, "mean": {m: entry["mean"][m] for m in names},
+                   "std": {m: entry["std"][m] for m in names}}
+            for name, entry in table.items()}
+
+
+def run_protocol(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    source: str,
+    targets: Sequence[str],
+    roots: Mapping[str, str],
+    seeds: Sequence[int] | None = None,
+) -> dict:
+    """Trains on `roots[source]` once per seed (default `train.seed`) and evaluates on every
+    target; writes the tables and returns the protocol document {"metrics": [...], "variants":
+    {target: {"seeds", "mean", "std", "per_seed", "classes", ...}}} (values in [0, 1])."""
+    seeds = [int(config.train.seed)] if seeds is None else [int(s) for s in seeds]
+    _check(source, targets, roots, seeds)
+    base = copy.deepcopy(config)
+    base.data.train_root = roots[source]
+    base.data.test_root = roots[targets[0]]
+    validate.validate(base, "train")
+    out = pathlib.Path(workdir)
+    lead = jax.process_index() == 0
+    # Every finished cell is read (and checked) before anything runs.
+    cells = {(seed, target): _read_rows(out / f"seed{seed}" / "cells" / f"{target}.json",
+                                        roots[target])
+             for seed in seeds for target in targets}
+    for seed in seeds:
+        run = out / f"seed{seed}"
+        run_config = copy.deepcopy(base)
+        run_config.train.seed = seed
+        run_config.workdir = str(run)
+        todo = [t for t in targets if cells[seed, t] is None]
+        if todo and not (run / TRAINED_FILE).is_file():
+            train.train(run_config, str(run))
+            if lead:
+                write_atomic(run / TRAINED_FILE, json.dumps(
+                    {"source": source, "train_root": roots[source], "seed": seed}) + "\n")
+        for target in todo:
+            eval_config = copy.deepcopy(run_config)
+            eval_config.data.test_root = roots[target]
+            rows = evaluate.evaluate(eval_config, str(run), out=str(run / "eval" / target))
+            cells[seed, target] = rows
+            if lead:
+                ablate.write_cell(run / "cells" / f"{target}.json", ablate.Variant(target, {}),
+                                  seed, roots[target], rows)
+        for target in targets:
+            if cells[seed, target] is not None and target not in todo:
+                logging.info("protocol: kept the finished cell %s of seed %d", target, seed)
+
+    table = {t: ablate.summarize(ablate.Variant(t, {}), {s: cells[s, t] for s in seeds})
+             for t in targets}
+    paper = paper_columns(table)
+    if lead:
+        for ext, text in ablate.render(paper, label="dataset").items():
+            write_atomic(out / f"protocol.{ext}", text)
+        for target in targets:
+            per_class = {
+                cls: ablate.summarize(ablate.Variant(cls, {}),
+                                      {s: {cls: cells[s, target][cls]} for s in seeds})
+                for cls in cells[seeds[0], target]
+            }
+            for ext, text in ablate.render(per_class, label="class").items():
+                write_atomic(out / "classes" / f"{target}.{ext}", text)
+        print(ablate.render(paper, label="dataset")["md"]
+              + f"\nprotocol table: {out / 'protocol.md'} (source {source}, seeds {seeds})")
+    return ablate.document(paper)

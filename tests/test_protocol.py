@@ -1,0 +1,82 @@
+"""The protocol runner: train per seed on a source set, evaluate on targets, Table 1, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from train_helpers import tiny_config
+
+from genclip_jax import evaluate, metrics, protocol, train
+from genclip_jax.data import synthetic
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    base = tmp_path_factory.mktemp("protocol")
+    return {name: str(synthetic.write_synthetic_dataset(base / name, seed=seed).parent)
+            for name, seed in (("alpha", 0), ("beta", 1))}
+
+
+def test_parse_roots_names_the_bad_item():
+    assert protocol.parse_roots(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
+    with pytest.raises(ValueError, match="name=path items, got 'nope'"):
+        protocol.parse_roots(["nope"])
+    with pytest.raises(ValueError, match="'a' is given twice"):
+        protocol.parse_roots(["a=/x", "a=/y"])
+
+
+def test_bad_names_fail_before_anything_is_written(sets, tmp_path):
+    config = tiny_config(sets["alpha"])
+    with pytest.raises(ValueError, match=r"no root for \['gamma'\]"):
+        protocol.run_protocol(config, str(tmp_path / "w"), "alpha", ["gamma"], sets)
+    with pytest.raises(FileNotFoundError, match=r"empty=.* has no meta\.json"):
+        protocol.run_protocol(config, str(tmp_path / "w"), "alpha", ["empty"],
+                              {**sets, "empty": str(tmp_path)})
+    assert not (tmp_path / "w").exists()
+
+
+def test_two_seeds_two_targets_table_and_resume(sets, tmp_path, monkeypatch, capsys):
+    config = tiny_config(sets["alpha"])
+    config.train.epochs = 1
+    work = tmp_path / "table"
+    doc = protocol.run_protocol(config, str(work), "alpha", ["beta", "alpha"], sets, [111, 112])
+    assert doc["metrics"] == list(protocol.PAPER_METRICS)
+    assert list(doc["variants"]) == ["beta", "alpha"]
+    for target, entry in doc["variants"].items():
+        per_seed = [metrics.class_mean(json.loads(
+            (work / f"seed{s}" / "eval" / target / "metrics.json").read_text())["classes"])
+            for s in (111, 112)]
+        for m in protocol.PAPER_METRICS:
+            values = [row[m] for row in per_seed]
+            assert entry["mean"][m] == pytest.approx(np.mean(values))
+            assert entry["std"][m] == pytest.approx(np.std(values, ddof=1))
+    # the seeds trained differently: the table's std is not zero everywhere
+    assert any(e["std"][m] > 0 for e in doc["variants"].values() for m in e["std"])
+    md = (work / "protocol.md").read_text()
+    assert md.startswith("| dataset | seeds | image_auroc | image_ap | pixel_auroc | pixel_aupro |")
+    assert "| beta | 111,112 | " in md and " ± " in md
+    classes = (work / "classes" / "beta.md").read_text()
+    assert {"| checker |", "| disc |", "| stripes |"} <= {
+        line.split(" 111")[0].rstrip() for line in classes.splitlines()}
+    assert "protocol table:" in capsys.readouterr().out
+
+    # A rerun keeps every finished cell: nothing trains or evaluates again.
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
+    again = protocol.run_protocol(config, str(work), "alpha", ["beta", "alpha"], sets,
+                                  [111, 112])
+    assert json.dumps(again, sort_keys=True) == json.dumps(doc, sort_keys=True)
+
+    # A lost cell is recomputed from the finished training, without training again.
+    (work / "seed112" / "cells" / "beta.json").unlink()
+    evaluated = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda c, w, out=None: evaluated.append(out) or
+                        json.loads((work / "seed112" / "eval" / "beta" / "metrics.json")
+                                   .read_text())["classes"])
+    protocol.run_protocol(config, str(work), "alpha", ["beta"], sets, [111, 112])
+    assert evaluated == [str(work / "seed112" / "eval" / "beta")]
+    assert not math.isnan(json.loads((work / "protocol.json").read_text())["variants"]["beta"][
+        "mean"]["image_auroc"])
