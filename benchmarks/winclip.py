@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genclip_jax import defaults, evaluate
+from genclip_jax import defaults, evaluate, steps
 from genclip_jax.backbone import load_backbone
 from genclip_jax.methods import create_method
 from genclip_jax.methods import winclip as wc
@@ -65,12 +65,10 @@ def main() -> None:
     config.model.compute_dtype = args.compute_dtype
     clip_config, params = load_backbone(config.model)
     method = create_method(config, clip_config)
-    method.prepare_eval(params, [], lambda name: None)
     size = config.model.image_size
     start = time.perf_counter()
-    text = method.class_text("bottle")  # compiled and run once, as eval does per class
+    text = method.class_inputs(params, "bottle").text  # compiled and run once, as eval does
     text_first = time.perf_counter() - start
-    predict = evaluate.make_predict_fn(method)
     rng = np.random.default_rng(0)
     base = {"benchmark": "winclip", "arch": config.model.architecture, "image_size": size,
             "dtype": args.compute_dtype, "device": jax.devices()[0].device_kind,
@@ -81,11 +79,13 @@ def main() -> None:
     if args.k:
         refs = rng.standard_normal((args.k, size, size, 3)).astype(np.float32)
         start = time.perf_counter()
-        memory = wc.memory_bank(jax.device_get(method._encode(params, refs)), method.windows)
+        feats = jax.device_get(steps.encode_images(method, params, refs))
+        memory = wc.memory_bank(feats, method.windows)
         memory_s = time.perf_counter() - start
 
     for k in ([0, args.k] if args.k else [0]):
-        method.k = k
+        config.fewshot.k = k  # a method of another config: compiled apart
+        predict = evaluate.make_predict_fn(create_method(config, clip_config))
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             images = jnp.asarray(rng.standard_normal((batch_size, size, size, 3)), jnp.float32)
             batch = {"text": np.broadcast_to(text, (batch_size, *text.shape))}
@@ -93,7 +93,8 @@ def main() -> None:
                 batch.update({f"memory_{key}": np.broadcast_to(v, (batch_size, *v.shape))
                               for key, v in memory.items()})
             batch = jax.tree.map(jnp.asarray, batch)
-            first, step = timed(lambda b=batch, x=images: predict({}, params, x, b), args.repeats)
+            first, step = timed(lambda b=batch, x=images, f=predict: f({}, params, x, b),
+                                args.repeats)
             print(json.dumps({
                 **base, "mode": f"{k}-shot" if k else "zero-shot", "k": k, "batch": batch_size,
                 "first_call_s": round(first, 3), "step_s": round(step, 4),

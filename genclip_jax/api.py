@@ -38,7 +38,7 @@ from genclip_jax import (
 )
 from genclip_jax.clip.vision import VisionFeatures, batch_axes
 from genclip_jax.data import pipeline
-from genclip_jax.methods import Method
+from genclip_jax.methods import Adaptation, Method, needs_training
 
 # Short names of the fields a user most often changes at load time; any other field is given
 # with `__` for its dots (`model__npz_prefix="sd."`).
@@ -95,6 +95,20 @@ class Model:
         self.config = config
         self._inference = inference
         self.batch_size = config.eval.batch_size
+        self._adaptations: dict[str, Adaptation] = {}
+
+    def _adaptation(self, class_name: str | None) -> Adaptation:
+        """The adaptation `predict` runs under for `class_name`: the loaded model's, or, for a
+        method with nothing to train (WinCLIP: per-class text and references), `prepare_eval`'s
+        for that class, computed once per class ("" = the generic word)."""
+        m = self._inference
+        if needs_training(self.config.method):
+            return m.adaptation
+        name = class_name or ""
+        if name not in self._adaptations:
+            self._adaptations[name] = m.method.prepare_eval(m.clip_params, [name] if name else [],
+                                                            lambda cls: None)
+        return self._adaptations[name]
 
     @property
     def method(self) -> Method:
@@ -104,8 +118,9 @@ class Model:
     def source(self) -> str:
         return self._inference.source
 
-    def _batches(self, images: np.ndarray, class_name: str | None):
-        """This host's padded batches of `images`: (host batch, number of real rows)."""
+    def _batches(self, images: np.ndarray, class_name: str | None, with_inputs: bool = True):
+        """This host's padded batches of `images` (with the method's `host_inputs` unless
+        `with_inputs` is False): (host batch, number of real rows)."""
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             n = len(chunk)
@@ -113,7 +128,8 @@ class Model:
             host = {"image": np.concatenate([chunk, pad]),
                     "valid": np.arange(self.batch_size) < n,
                     "cls_name": np.array([class_name or ""] * n + [""] * (len(pad)), object)}
-            host.update(self.method.host_inputs(host, self._inference.adaptation))
+            if with_inputs:
+                host.update(self.method.host_inputs(host, self._adaptation(class_name)))
             yield parallel.global_batch(host, self._inference.mesh), n
 
     def predict(
@@ -149,7 +165,7 @@ class Model:
         feature, axis 1 for the per-layer patch tokens and mean tokens)."""
         pixels = _images_in(images, self.config.model.image_size, normalized)
         parts = []
-        for batch, n in self._batches(pixels, None):
+        for batch, n in self._batches(pixels, None, with_inputs=False):
             feats = jax.device_get(steps.encode_images(self.method, self._inference.clip_params,
                                                        batch["image"]))
             parts.append(jax.tree.map(lambda axis, x, n=n: np.take(x, np.arange(n), axis),

@@ -18,7 +18,7 @@ import functools
 import json
 import logging
 import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -103,9 +103,6 @@ def load_model(
     else:
         params, source = parallel.replicate(jax.device_get(params), mesh), "given params"
     clip_params = parallel.replicate(clip_params, mesh)
-    # Binds the backbone before any class is known: a method that caches per-class features
-    # (WinCLIP's text) computes them on first use from here on.
-    method.prepare_eval(clip_params, [], lambda name: None)
     return Model(
         method=method,
         params=params,
@@ -383,6 +380,17 @@ def prepare_target(
     return Target(root, entries, dataset, out_dir)
 
 
+def adaptation_record(adaptation: Adaptation) -> dict[str, dict]:
+    """{class: its decision's fields}, leaving out array fields (WinCLIP's text embeddings and
+    memories): what class_names.json keeps; {} when nothing but arrays was adapted."""
+    record = {
+        name: {f.name: getattr(d, f.name) for f in dataclasses.fields(d)
+               if not isinstance(getattr(d, f.name), (np.ndarray, Mapping))}
+        for name, d in adaptation.items()
+    }
+    return record if any(record.values()) else {}
+
+
 def write_results(
     config: ml_collections.ConfigDict, model: Model, target: Target, rows: dict,
     shown: dict[int, tuple[np.ndarray, np.ndarray | None]], value_range: tuple[float, float],
@@ -394,10 +402,8 @@ def write_results(
     with run_dir.staged_output(target.out) as stage:
         if lead:
             metrics.write_tables(rows, stage)
-            if model.adaptation:
-                text = json.dumps({k: dataclasses.asdict(d) for k, d in model.adaptation.items()},
-                                  indent=2)
-                write_atomic(stage / "class_names.json", text + "\n")
+            if decisions := adaptation_record(model.adaptation):
+                write_atomic(stage / "class_names.json", json.dumps(decisions, indent=2) + "\n")
             info = {"test_root": str(pathlib.Path(target.root).absolute()),
                     "test_split": config.data.test_split, "images": len(target.entries),
                     "classes": list(rows), "model": model.source,

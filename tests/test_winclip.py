@@ -60,7 +60,7 @@ def test_batch_1_on_one_device_equals_batch_8_on_eight(data_root, k):
         config.eval.batch_size, config.parallel.num_devices = batch_size, devices
         model = evaluate.load_model(config, "")
         assert model.source == "no params: winclip needs no training"
-        evaluate.adapt_to_classes(config, model, dataset, entries)
+        model = evaluate.adapt_to_classes(config, model, dataset, entries)
         results.append(evaluate.predict_dataset(config, model, dataset))
     batched, single = results
     np.testing.assert_allclose(single["anomaly_map"], batched["anomaly_map"], rtol=0, atol=1e-6)
@@ -68,24 +68,29 @@ def test_batch_1_on_one_device_equals_batch_8_on_eight(data_root, k):
     assert batched["anomaly_map"].shape == (len(entries), IMAGE_SIZE, IMAGE_SIZE)
 
 
-def test_text_is_computed_once_per_class_and_the_class_name_counts(data_root):
+def test_adaptation_holds_each_class_text_once_and_the_method_stays_stateless(data_root):
     config = winclip_config(data_root)
     model = evaluate.load_model(config, "")
     method = model.method
-    calls = []
-    encode = method._text_fn
-    method._text_fn = lambda *args: calls.append(args[2]) or encode(*args)
+    adaptation = method.prepare_eval(model.clip_params, ["disc", "checker"], lambda name: None)
+    assert sorted(adaptation) == ["", "checker", "disc"]  # "": the generic word
+    assert (adaptation["disc"].word, adaptation[""].word) == ("disc", "object")
+    assert vars(method).keys() == vars(create_method(config, method.clip_config)).keys()
+    assert method == create_method(config, method.clip_config)  # compares by config
     batch = {"cls_name": np.array(["disc", "checker", "disc", ""], object)}
-    text = method.host_inputs(batch)["text"]
-    method.host_inputs(batch)
-    assert calls == ["disc", "checker", None]  # once each, "" -> the generic word
+    text = method.host_inputs(batch, adaptation)["text"]
     np.testing.assert_array_equal(text[0], text[2])
     assert np.abs(text[0] - text[1]).max() > 1e-4
     generic = np.asarray(method.text_features({}, model.clip_params, None))
     np.testing.assert_allclose(text[3], generic, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(text[0], method.text_features({}, model.clip_params, "disc"),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"winclip: no inputs for the classes \['pill'\]"):
+        method.host_inputs({"cls_name": np.array(["pill"], object)}, adaptation)
     # The generic word is a knob: another word, other text.
     other = winclip_config(data_root, winclip__generic_word="part")
     other_method = create_method(other, method.clip_config)
+    assert other_method != method
     assert np.abs(np.asarray(other_method.text_features({}, model.clip_params, None))
                   - generic).max() > 1e-4
 

@@ -10,6 +10,7 @@ window memories), averaged into a few-shot map fused half-and-half with the zero
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from ml_collections import FrozenConfigDict
 
-from genclip_jax import fewshot, maps
+from genclip_jax import fewshot, maps, steps
 from genclip_jax.clip import model as clip_model
 from genclip_jax.clip.model import CLIP, CLIPConfig
 from genclip_jax.clip.vision import WindowFeatures
+from genclip_jax.methods.config_key import ConfigKeyed
 from genclip_jax.prompts import winclip as prompts
 from genclip_jax.prompts.genclip import normalize_class_name
 
@@ -137,13 +140,23 @@ def memory_bank(refs: WindowFeatures, windows: Sequence[np.ndarray]) -> dict[str
             "windows": np.concatenate(per_scale)}
 
 
-class WinCLIP:
+@dataclasses.dataclass(frozen=True)
+class ClassInputs:
+    """What WinCLIP needs of one class (`prepare_eval`'s adaptation): its prompt word, its
+    (2, D) text embeddings and, for WinCLIP+, its reference memory (`memory_bank`)."""
+
+    word: str
+    references: int  # k, 0 for zero-shot
+    text: np.ndarray = dataclasses.field(repr=False)
+    memory: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+
+class WinCLIP(ConfigKeyed):
     """See `genclip_jax.methods` for the interface; `needs_training = False`: `init` is empty,
     and eval / predict run without a checkpoint.
 
-    Text embeddings (and WinCLIP+ memories) are computed once per class on the host and handed
-    to the jitted `predict` per image (`host_inputs`); `prepare_eval` binds the backbone and
-    computes those of the test classes before the first batch.
+    Stateless: `prepare_eval` returns each class's text embeddings (and WinCLIP+ memory) as
+    host arrays, computed once per class; `host_inputs` hands each image its class's rows.
     """
 
     name = "winclip"
@@ -152,6 +165,8 @@ class WinCLIP:
     needs_training = False
 
     def __init__(self, config: ml_collections.ConfigDict, clip_config: CLIPConfig):
+        self.config_key = (FrozenConfigDict(config.model), FrozenConfigDict(config.winclip),
+                           FrozenConfigDict(config.fewshot), clip_config)
         self.cfg = config.winclip
         self.fewshot_cfg = config.fewshot
         self.k = int(config.fewshot.k)
@@ -160,11 +175,6 @@ class WinCLIP:
         self.clip_config = clip_config
         self.grid = self.image_size // clip_config.vision_patch_size
         self.windows = [window_indices(self.grid, s) for s in self.cfg.scales]
-        self._clip_params = None
-        self._text: dict[str, np.ndarray] = {}
-        self._memory: dict[str, dict[str, np.ndarray]] = {}
-        self._encode = jax.jit(self.encode_images)
-        self._text_fn = jax.jit(self.text_features, static_argnums=2)
 
     def init(self, rng: jax.Array) -> dict:
         """Nothing to learn."""
@@ -202,50 +212,46 @@ class WinCLIP:
         """Standard CLIP image embeddings (WinCLIP does not adapt to classes by images)."""
         return clip_model.image_embeddings(self.clip_config, clip_params, images)
 
-    def _bound(self) -> Any:
-        if self._clip_params is None:
-            raise RuntimeError("WinCLIP: the backbone is not bound yet; call prepare_eval "
-                               "(evaluate.load_model does) before host_inputs")
-        return self._clip_params
-
-    def class_text(self, class_name: str) -> np.ndarray:
-        """(2, D) text embeddings of a class, computed on first use and cached."""
-        word = self.word(class_name)
-        if word not in self._text:
-            self._text[word] = np.asarray(self._text_fn({}, self._bound(), class_name or None))
-        return self._text[word]
-
-    def class_memory(self, class_name: str) -> dict[str, np.ndarray]:
-        """WinCLIP+'s memory of `class_name` ("" = the references' only class), cached."""
-        if class_name not in self._memory:
+    def class_inputs(
+        self, clip_params: Any, class_name: str, memory: Mapping[str, np.ndarray] | None = None
+    ) -> ClassInputs:
+        """A class's text embeddings and, with `fewshot.k` > 0, its reference memory (`memory`
+        if given). "": the generic word, with the references' only class."""
+        text = np.asarray(steps.text_features(self, {}, clip_params, class_name or None))
+        if self.k and memory is None:
             refs = fewshot.reference_images(self.fewshot_cfg, class_name, self.image_size)
-            feats = jax.device_get(self._encode(self._bound(), refs))
-            self._memory[class_name] = memory_bank(feats, self.windows)
-        return self._memory[class_name]
+            memory = memory_bank(jax.device_get(steps.encode_images(self, clip_params, refs)),
+                                 self.windows)
+        return ClassInputs(self.word(class_name), self.k, text.astype(np.float32), memory or {})
 
     def prepare_eval(
         self, clip_params: Any, class_names: list[str], class_features: Callable[[str], Any]
-    ) -> dict:
-        """Binds the backbone and computes the classes' text embeddings (and memories): the
-        errors of a class (too long for the context, too few references) come before any
-        batch. Nothing is decided per class: returns {}."""
+    ) -> dict[str, ClassInputs]:
+        """{class: ClassInputs} of the test classes, so a class's errors (too long for the
+        context, too few references) come before any batch; plus "" (the generic word) for
+        images with no class name, whose memory is the first class's when there is one (then
+        only padding rows have no name)."""
         del class_features
-        self._clip_params = clip_params
-        for name in class_names:
-            self.class_text(name)
-            if self.k:
-                self.class_memory(name)
-        return {}
+        out = {name: self.class_inputs(clip_params, name) for name in class_names if name}
+        first = next(iter(out.values()), None)
+        out[""] = self.class_inputs(clip_params, "", first.memory if first else None)
+        return out
 
-    def host_inputs(self, batch: dict) -> dict[str, np.ndarray]:
-        """Per image: its class's text (B, 2, D) and, for WinCLIP+, its memory rows; padding
-        rows (empty class name) take the generic word (and any class's memory)."""
+    def host_inputs(
+        self, batch: dict, adaptation: Mapping[str, ClassInputs] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Per image: its class's text (B, 2, D) and, for WinCLIP+, its memory rows; rows with
+        no class name take the generic word's ("")."""
+        adaptation = adaptation or {}
         names = [str(n) for n in batch["cls_name"]]
-        out = {"text": np.stack([self.class_text(n) for n in names]).astype(np.float32)}
+        if missing := sorted({n for n in names if n not in adaptation}):
+            raise ValueError(f"winclip: no inputs for the classes {missing} (\"\": the generic "
+                             "word): pass the adaptation prepare_eval returns for them (adapted: "
+                             f"{sorted(adaptation)})")
+        rows = [adaptation[n] for n in names]
+        out = {"text": np.stack([r.text for r in rows])}
         if self.k:
-            known = next((n for n in names if n), "")
-            mems = [self.class_memory(n or known) for n in names]
-            out.update({f"memory_{key}": np.stack([m[key] for m in mems])
+            out.update({f"memory_{key}": np.stack([r.memory[key] for r in rows])
                         for key in ("patches", "windows")})
         return out
 
