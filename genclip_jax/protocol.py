@@ -10,7 +10,9 @@ evaluate zero-shot on every target set, and write the table of the papers' Table
 
 A finished cell is kept, not recomputed, and a finished training (its `trained.json`) is not
 repeated, so a rerun after a crash or with more targets or seeds does only what is missing. Runs
-multi-host like `train` (every process runs the loop; process 0 writes the tables).
+multi-host like `train` (every process runs the loop; process 0 writes the tables). A method
+with nothing to train (WinCLIP) is a row without training: evaluated once per target, with the
+first seed, and no checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from absl import logging
 
 from genclip_jax import ablate, evaluate, train, validate
 from genclip_jax.files import write_atomic
+from genclip_jax.methods import needs_training
 
 # The columns of the papers' Table 1, in their order (those the config computes).
 PAPER_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
@@ -100,7 +103,12 @@ def run_protocol(
     base = copy.deepcopy(config)
     base.data.train_root = roots[source]
     base.data.test_root = roots[targets[0]]
-    validate.validate(base, "train")
+    trained = needs_training(config.method)
+    validate.validate(base, "train" if trained else "eval")
+    if not trained:  # nothing depends on the seed: one evaluation per target, no checkpoint
+        logging.info("protocol: %s needs no training: evaluated once, with seed %d",
+                     config.method, seeds[0])
+        seeds = seeds[:1]
     out = pathlib.Path(workdir)
     lead = jax.process_index() == 0
     # Every finished cell is read (and checked) before anything runs.
@@ -113,7 +121,7 @@ def run_protocol(
         run_config.train.seed = seed
         run_config.workdir = str(run)
         todo = [t for t in targets if cells[seed, t] is None]
-        if todo and not (run / TRAINED_FILE).is_file():
+        if trained and todo and not (run / TRAINED_FILE).is_file():
             train.train(run_config, str(run))
             if lead:
                 write_atomic(run / TRAINED_FILE, json.dumps(

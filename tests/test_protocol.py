@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from train_helpers import tiny_config
 
-from genclip_jax import evaluate, metrics, protocol, train
+from genclip_jax import defaults, evaluate, metrics, protocol, train
 from genclip_jax.data import synthetic
 
 
@@ -80,3 +80,21 @@ def test_two_seeds_two_targets_table_and_resume(sets, tmp_path, monkeypatch, cap
     assert evaluated == [str(work / "seed112" / "eval" / "beta")]
     assert not math.isnan(json.loads((work / "protocol.json").read_text())["variants"]["beta"][
         "mean"]["image_auroc"])
+
+
+def test_a_training_free_method_is_evaluated_once_without_training(sets, tmp_path, monkeypatch):
+    config = defaults.tiny_config("winclip")
+    config.train.progress = False
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("winclip was trained"))
+    work = tmp_path / "winclip"
+    doc = protocol.run_protocol(config, str(work), "alpha", ["beta"], sets, [111, 112])
+    assert not (work / "seed112").exists()  # nothing depends on the seed
+    assert not (work / "seed111" / "checkpoints").exists()
+    assert not (work / "seed111" / protocol.TRAINED_FILE).exists()
+    entry = doc["variants"]["beta"]
+    assert entry["seeds"] == [111]
+    table = json.loads((work / "seed111" / "eval" / "beta" / "metrics.json").read_text())
+    mean = metrics.class_mean(table["classes"])
+    for m in protocol.PAPER_METRICS:
+        assert entry["mean"][m] == pytest.approx(mean[m])
+    assert "| beta | 111 | " in (work / "protocol.md").read_text()
