@@ -23,7 +23,8 @@ from genclip_jax.methods.winclip import WinCLIP
 PyTree = Any
 Adaptation = Mapping[str, Any]
 """What `prepare_eval` returns: {class name: decision}, each decision a dataclass (evaluation
-logs it and saves it as class_names.json); {} for a method that does not adapt."""
+logs it and saves its non-array fields as class_names.json: GenCLIP's CNF decisions; WinCLIP's
+per-class text embeddings and references stay out); {} for a method that does not adapt."""
 
 
 @runtime_checkable
