@@ -102,11 +102,10 @@ def load_model(
         params, source = load_trained_params(config, workdir, method, mesh, unpinned)
     else:
         params, source = parallel.replicate(jax.device_get(params), mesh), "given params"
-    clip_params = parallel.replicate(clip_params, mesh)
     return Model(
         method=method,
         params=params,
-        clip_params=clip_params,
+        clip_params=parallel.replicate(clip_params, mesh),
         mesh=mesh,
         predict=make_predict_fn(method),
         source=source,

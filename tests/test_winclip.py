@@ -74,7 +74,9 @@ def test_adaptation_holds_each_class_text_once_and_the_method_stays_stateless(da
     method = model.method
     adaptation = method.prepare_eval(model.clip_params, ["disc", "checker"], lambda name: None)
     assert sorted(adaptation) == ["", "checker", "disc"]  # "": the generic word
-    assert (adaptation["disc"].word, adaptation[""].word) == ("disc", "object")
+    assert evaluate.adaptation_record(adaptation) == {  # class_names.json: no arrays
+        "disc": {"word": "disc", "references": 0}, "checker": {"word": "checker", "references": 0},
+        "": {"word": "object", "references": 0}}
     assert vars(method).keys() == vars(create_method(config, method.clip_config)).keys()
     assert method == create_method(config, method.clip_config)  # compares by config
     batch = {"cls_name": np.array(["disc", "checker", "disc", ""], object)}
