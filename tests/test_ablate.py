@@ -267,7 +267,7 @@ def test_a_training_free_row_is_evaluated_once_without_training(tmp_path, monkey
     def no_training(*args, **kwargs):
         raise AssertionError("a training-free variant must not train")
 
-    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    monkeypatch.setattr(train_eval, "train_and_evaluate", no_training)
     data = tmp_path / "data"
     write_synthetic_dataset(data, classes=("disc",), defects=("spot",), image_size=56,
                             n_train_good=1, n_test_good=2, n_test_defect_per_type=1)
