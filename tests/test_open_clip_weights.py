@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 from fixtures import fixture_paths, load_sidecar
+from flax import traverse_util
 from safetensors.numpy import save_file
 
 from genclip_jax import defaults
@@ -50,7 +51,7 @@ def reference():
 
 
 def _same(a, b):
-    fa, fb = weights._flatten(a), weights._flatten(b)
+    fa, fb = traverse_util.flatten_dict(a, sep="."), traverse_util.flatten_dict(b, sep=".")
     assert sorted(fa) == sorted(fb)
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
