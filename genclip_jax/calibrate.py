@@ -24,7 +24,6 @@ import logging
 import math
 import pathlib
 import warnings
-from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -102,11 +101,6 @@ class Scored:
     labelled_labels: np.ndarray
     labelled_pixels: np.ndarray
     labelled_pixel_labels: np.ndarray
-
-    @staticmethod
-    def concatenate(parts: Sequence[Scored]) -> Scored:
-        return Scored(*(np.concatenate([getattr(p, f.name) for p in parts])
-                        for f in dataclasses.fields(Scored)))
 
 
 def thresholds(scored: Scored, cfg: ml_collections.ConfigDict) -> dict:

@@ -3,9 +3,9 @@ frozen embeddings to a memory of them.
 
 Method-independent (DESIGN section 7): a method turns the images `reference_images` picks into
 its own memory bank (WinCLIP+: window and patch embeddings) and scores with `association`.
-`fewshot.reference` is either a dataset root with meta.json (the good images of
-`fewshot.split`, per class) or a folder of class folders (`REF/<class>/**/image`); the first k
-in path order are used, so a run is reproducible.
+`fewshot.reference` is a dataset root with meta.json (the good images of `fewshot.split`, per
+class), a good/defect folder (`REF/<class>/good/**`) or a folder of class folders
+(`REF/<class>/**/image`); the first k in path order are used, so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -18,34 +18,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from genclip_jax.data import meta as meta_lib
-from genclip_jax.data import pipeline
+from genclip_jax.data import image_sets, pipeline
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def reference_paths(reference: str, split: str = "train") -> dict[str, list[pathlib.Path]]:
-    """{class: sorted normal image paths} of a meta.json root or a folder of class folders."""
-    root = pathlib.Path(reference)
-    meta_path = root / "meta.json"
-    if meta_path.is_file():
-        entries = meta_lib.split_entries(meta_lib.read_meta(meta_path, check_files=True), split)
-        found: dict[str, list[pathlib.Path]] = {}
-        for e in entries:
-            if e["anomaly"] == 0:
-                found.setdefault(e["cls_name"], []).append(root / e["img_path"])
-        return {cls: sorted(paths) for cls, paths in found.items()}
-    if not root.is_dir():
-        raise FileNotFoundError(f"fewshot.reference: {root} is neither a dataset root with "
-                                "meta.json nor a folder of class folders")
-    found = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        entries, _ = pipeline.scan_image_folder(folder)
-        found[folder.name] = [folder / e["img_path"] for e in entries]
-    if not found:
-        raise ValueError(f"fewshot.reference: {root} holds no class folders (expected "
-                         f"{root}/<class>/<images>, or a meta.json)")
-    return found
+    """{class: sorted normal image paths} of an image set (`image_sets.image_set`: a meta.json
+    root's `split`, a good/defect folder's good images, or a folder of class folders)."""
+    found: dict[str, list[pathlib.Path]] = {}
+    for e in image_sets.image_set(reference, "normal", "fewshot.reference", split):
+        found.setdefault(e["cls_name"], []).append(pathlib.Path(reference) / e["img_path"])
+    return {cls: sorted(paths) for cls, paths in found.items()}
 
 
 def select(

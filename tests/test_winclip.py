@@ -132,6 +132,17 @@ def test_references_from_class_folders_equal_meta_json(data_root, tmp_path):
         c: [p.name for p in v] for c, v in by_meta.items()}
     assert fewshot.select(by_folder, "disc", 2, "x") == by_folder["disc"][:2]
 
+    # The good/defect folder layout of make-meta --dataset=folder: its good images only.
+    layout = tmp_path.parent / f"{tmp_path.name}_layout"
+    for cls, paths in by_meta.items():
+        (layout / cls / "good").mkdir(parents=True)
+        (layout / cls / "crack").mkdir()
+        for p in paths:
+            shutil.copy(p, layout / cls / "good" / p.name)
+        shutil.copy(paths[0], layout / cls / "crack" / "defect.png")
+    assert {c: [p.name for p in v] for c, v in fewshot.reference_paths(str(layout)).items()} == {
+        c: [p.name for p in v] for c, v in by_meta.items()}
+
 
 def test_too_few_references_name_class_k_and_count(data_root):
     paths = fewshot.reference_paths(str(data_root))

@@ -36,12 +36,13 @@ def _plain_images(path: pathlib.Path, label: int) -> list[dict]:
     return entries
 
 
-def image_set(path: str, role: str, what: str) -> list[dict]:
+def image_set(path: str, role: str, what: str, split: str | None = None) -> list[dict]:
     """Meta entries (img_path relative to `path`) of the image set at `path`.
 
     `role="normal"`: the good images only (a dataset root: of its train split). `"labelled"`:
     every image with its label and mask (a dataset root: its test split; a folder of plain images
-    counts as defective, without masks). `what` names the set in errors (e.g. "--normal").
+    counts as defective, without masks). `split` overrides a dataset root's split. `what` names
+    the set in errors (e.g. "--normal").
     """
     if role not in ROLES:
         raise ValueError(f"image_set: role must be one of {ROLES}, got {role!r}")
@@ -50,9 +51,9 @@ def image_set(path: str, role: str, what: str) -> list[dict]:
         raise FileNotFoundError(f"{what}={path}: expected a folder of images or a dataset root, "
                                 "found no such folder")
     layout = _layout(root)
+    split = split or ("train" if role == "normal" else "test")
     if layout == "meta":
         meta = meta_lib.read_meta(root / "meta.json", root=root, check_files=True)
-        split = "train" if role == "normal" else "test"
         entries = meta_lib.split_entries(meta, split, None)
     elif layout == "folder":
         meta, _ = meta_lib.folder_meta(root, test_fraction=0.0)
@@ -62,7 +63,7 @@ def image_set(path: str, role: str, what: str) -> list[dict]:
     if role == "normal":
         entries = [e for e in entries if not e["anomaly"]]
     if not entries:
-        source = {"meta": f"the {'train' if role == 'normal' else 'test'} split of its meta.json",
+        source = {"meta": f"the {split} split of its meta.json",
                   "folder": "its <class>/good folders", "images": "it"}[layout]
         raise ValueError(f"{what}={path}: expected {role} images in {source}, found none")
     return entries
