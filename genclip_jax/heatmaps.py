@@ -123,6 +123,13 @@ def caption(panel: np.ndarray, text: str, colour: tuple[int, int, int] = (0, 0, 
     return np.concatenate([panel, np.asarray(band)], axis=0)
 
 
+def write_png(path: str | os.PathLike, pixels: np.ndarray) -> pathlib.Path:
+    """Writes uint8 pixels ((H, W) or (H, W, 3)) as a PNG, atomically; returns the path."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return write_atomic(path, buffer.getvalue())
+
+
 def save_panel(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -139,6 +146,4 @@ def save_panel(
         panel = np.concatenate([panel, colour_bar(panel.shape[0], value_range)], axis=1)
     if text is not None:
         panel = caption(panel, text, text_colour)
-    buffer = io.BytesIO()
-    Image.fromarray(panel).save(buffer, format="PNG")
-    return write_atomic(path, buffer.getvalue())
+    return write_png(path, panel)

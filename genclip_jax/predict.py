@@ -87,12 +87,6 @@ def defect_regions(mask: np.ndarray) -> tuple[int, list[list[int]]]:
                               boxes[i][0].stop - 1] for i in order]
 
 
-def _png(path: pathlib.Path, pixels: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
-
-
 class _Spill:
     """This host's maps and images of an uncalibrated run, on disk (sparse files) until the
     run's range is known: bounded host memory whatever the folder's size, one decode per image."""
@@ -252,7 +246,8 @@ def predict_folder(
                     regions = _regions(local["anomaly_map"], host_batch, root, names, pixel)
                     for r, mask in regions.pop("masks").items():
                         i = int(host_batch["index"][r])
-                        _png(stage / "masks" / panels[i], (mask * 255).astype(np.uint8))
+                        heatmaps.write_png(stage / "masks" / panels[i],
+                                           (mask * 255).astype(np.uint8))
                         _save_panel(stage / "heatmaps" / panels[i], shown[r],
                                     local["anomaly_map"][r], float(local["image_score"][r]),
                                     entry[r])
