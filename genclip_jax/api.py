@@ -155,7 +155,7 @@ class Model:
         m = self._inference
         maps, scores = [], []
         for batch, n in self._batches(pixels, class_name):
-            out = m.predict(m.params, m.clip_params, batch.pop("image"), batch)
+            out = m.infer(batch.pop("image"), batch, class_name or "", keep_others=True)
             maps.append(np.asarray(out["anomaly_map"])[:n])
             scores.append(np.asarray(out["image_score"])[:n])
         return Prediction(np.concatenate(maps), np.concatenate(scores))
