@@ -116,6 +116,7 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
     table = (root / "table" / "protocol.md").read_text()
     assert table.startswith("| dataset | seeds | image_auroc | image_ap | pixel_auroc |")
     assert "| target | 111,112 | " in table and " ± " in table
+    assert "| target 2-shot | 111,112 | " in table
 
 def test_winclip_zero_and_few_shot_without_training(tmp_path):
     commands = _block_after("<!-- tests/test_readme.py runs this WinCLIP block verbatim")
