@@ -79,6 +79,15 @@ def select(
     return [available[i] for i in sorted(rng.choice(len(available), k, replace=False))]
 
 
+def chosen_files(cfg: ml_collections.ConfigDict, class_names: Sequence[str]
+                 ) -> set[pathlib.Path]:
+    """The resolved paths of every reference `cfg` picks for `class_names` (errors as `select`):
+    what must not be scored as if unseen (calibration images)."""
+    paths = reference_paths(cfg.reference, cfg.split)
+    return {p.resolve() for name in dict.fromkeys(class_names)
+            for p in select(paths, name, cfg.k, cfg.reference, cfg.seed)}
+
+
 def reference_images(
     cfg: ml_collections.ConfigDict, class_name: str, image_size: int
 ) -> np.ndarray:
