@@ -109,6 +109,25 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
                 (root / "one_part" / "scores.jsonl").read_text().splitlines()]
     assert record["image"] == "000.png" and record["decision"] in ("normal", "anomalous")
 
+    # Few-shot: eval k=2 from the target's train split, a calibration of its own, decisions.
+    commands = _block_after("<!-- tests/test_readme.py runs this few-shot block")
+    assert [c.split()[1] for c in commands] == ["eval", "calibrate", "predict"]
+    _run(commands, {"/tmp/genclip_try": str(root)})
+    few = run / "eval" / "target_2shot_seed0"
+    assert json.loads((few / "metrics_2shot_seed0.json").read_text())["classes"].keys() == {
+        "checker", "disc", "stripes"}
+    assert (few / "metrics_2shot_seed0.md").read_text().startswith("# target: 2-shot")
+    assert (run / "eval" / "target" / "metrics.json").is_file()  # the zero-shot one is kept
+    few_calibration = json.loads((root / "calibration_2shot.json").read_text())
+    assert few_calibration["provenance"]["images"]["disc"]["normal"] == 2  # 4 good - 2 refs
+    threshold = few_calibration["classes"]["disc"]["image_threshold"]
+    with (root / "decisions_2shot" / "scores.csv").open() as f:
+        few_rows = list(csv.DictReader(f))
+    assert {r["image"] for r in few_rows} == {r["image"] for r in rows}
+    assert [r["image_score"] for r in few_rows] != [r["image_score"] for r in rows]
+    for r in few_rows:
+        assert r["decision"] == ("anomalous" if float(r["image_score"]) >= threshold else "normal")
+
     # The papers' protocol on the same two sets: one table row per target, mean ± std.
     commands = _block_after("<!-- tests/test_readme.py runs this block after the whole-path")
     assert [c.split()[1] for c in commands] == ["benchmark"]
