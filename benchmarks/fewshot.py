@@ -9,6 +9,7 @@ the DPAM forward's (`benchmarks/forward.py`), so the overhead of k = 64 on a GPU
 without running it. One JSON line per row:
 
     python benchmarks/fewshot.py --shots 0,4 [--method anomalyclip] [--batch-size 8] [--reps 20]
+        [--arch ViT-B/16 --image-size 224]
 """
 
 from __future__ import annotations
@@ -34,12 +35,19 @@ def search_flops(k: int, patches: int, dim: int, layers: int) -> float:
     return 2.0 * patches * k * patches * dim * layers
 
 
-def prepared(method_name: str, k: int, batch_size: int, root: pathlib.Path):
+def prepared(method_name: str, k: int, batch_size: int, root: pathlib.Path, arch: str,
+             image_size: int):
     """A compiled `infer` of one batch (bank built), as a no-argument callable."""
     config = defaults.tiny_config(method_name)
     config.eval.batch_size = batch_size
+    if arch != "tiny":  # a named architecture at full size, random weights; 4 patch layers
+        config.model.architecture, config.model.image_size = arch, image_size
+        depth = ARCHITECTURES[arch].vision_layers
+        layers = tuple(depth * q // 4 for q in (1, 2, 3, 4))
+        config.anomalyclip.features_list = config.genclip.layers = layers
     config.fewshot.k, config.fewshot.reference = k, str(root)
-    method = create_method(config, CLIPConfig(**config.model.random_arch.to_dict()))
+    clip_config = ARCHITECTURES.get(arch) or CLIPConfig(**config.model.random_arch.to_dict())
+    method = create_method(config, clip_config)
     model = evaluate.load_model(config, "", params=method.init(jax.random.PRNGKey(0)))
     size = config.model.image_size
     images = np.random.default_rng(0).normal(size=(batch_size, size, size, 3)).astype(np.float32)
@@ -59,13 +67,17 @@ def main() -> None:
     parser.add_argument("--method", default="anomalyclip", choices=("anomalyclip", "genclip"))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--arch", default="tiny", choices=("tiny", *ARCHITECTURES),
+                        help="a named architecture runs at full size with random weights")
+    parser.add_argument("--image-size", type=int, default=224, help="with --arch")
     args = parser.parse_args()
     shots = [int(k) for k in args.shots.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = synthetic.write_synthetic_dataset(pathlib.Path(tmp) / "refs", image_size=112,
                                                  classes=("disc",), n_train_good=max(shots),
                                                  n_test_good=1, n_test_defect_per_type=1).parent
-        runs = {k: prepared(args.method, k, args.batch_size, root) for k in shots}
+        runs = {k: prepared(args.method, k, args.batch_size, root, args.arch, args.image_size)
+                for k in shots}
     best = dict.fromkeys(shots, np.inf)
     for _ in range(args.reps):  # interleaved: a load change on a shared machine hits every k
         for k, (run, _) in runs.items():
@@ -74,7 +86,7 @@ def main() -> None:
             best[k] = min(best[k], time.perf_counter() - start)
     for k in shots:
         row = {"benchmark": "fewshot", "method": args.method, "k": k,
-               "batch_size": args.batch_size, "backbone": "tiny", "image_size": runs[k][1],
+               "batch_size": args.batch_size, "backbone": args.arch, "image_size": runs[k][1],
                "images_per_s": round(args.batch_size / best[k], 2),
                "platform": jax.devices()[0].platform}
         if 0 in best:
