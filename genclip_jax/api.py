@@ -173,6 +173,18 @@ class Model:
         return jax.tree.map(lambda axis, *xs: np.concatenate(xs, axis), batch_axes(parts[0]),
                             *parts)
 
+    def step_inputs(self, class_name: str | None, rows: int) -> dict[str, Any]:
+        """What the compiled inference step takes besides `rows` normalised images of
+        `class_name` (None or "": no class), as numpy: {"params", "clip_params", "batch"} (the
+        method's `host_inputs` under this model's adaptation, and `valid`). `genclip-jax export`
+        folds them into constants."""
+        m = self._inference
+        name = class_name or ""
+        host = {"valid": np.ones(rows, bool), "cls_name": np.array([name] * rows, object)}
+        inputs = self.method.host_inputs(host, self._adaptation(class_name))
+        return {"params": jax.device_get(m.params), "clip_params": jax.device_get(m.clip_params),
+                "batch": {**inputs, "valid": host["valid"]}}
+
     def text_features(self, class_name: str | None = None) -> np.ndarray:
         """(2, D) [normal, abnormal] text features of the learned prompts (for `class_name`
         where the method's prompts name the class)."""
