@@ -127,8 +127,9 @@ def fold_constants(
     inputs = {v: i for i, v in enumerate(known_jaxpr.invars)}
     paths = [f"constant/{i}" for i in range(len(closed.consts))] + [
         jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves]
-    names = [paths[inputs[v]] if v in inputs else f"folded/{i}"
-             for i, v in enumerate(known_jaxpr.outvars)]
+    folded = iter(range(len(known_jaxpr.outvars)))
+    names = [paths[inputs[v]] if v in inputs else f"folded/{next(folded)}"
+             for v in known_jaxpr.outvars]
     by_class = [False] * len(closed.consts) + [p[0].key == per_class_key for p, _ in leaves]
     _, _, per_class, _ = pe.partial_eval_jaxpr_nounits(
         ClosedJaxpr(known_jaxpr, []), by_class, instantiate=False)

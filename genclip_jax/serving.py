@@ -95,8 +95,9 @@ class Artifact:
             return calibration["classes"][name]["image_threshold"]
         if name not in self._warned:
             self._warned.add(name)
-            warnings.warn(f"{self.directory}: no calibration for class {name!r}: using the "
-                          "global threshold", UserWarning, stacklevel=3)
+            what = f"class {name!r}" if name else "images without a class (pass class_name=)"
+            warnings.warn(f"{self.directory}: no calibration for {what}: using the global "
+                          "threshold", UserWarning, stacklevel=3)
         return calibration["global"]["image_threshold"]
 
     def __call__(self, images: np.ndarray, class_name: str | None = None) -> dict[str, np.ndarray]:
