@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -253,3 +254,27 @@ def test_serving_runs_without_flax_optax_orbax_or_ml_collections(calibrated):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "heavy modules: []" in result.stdout
+
+
+def test_fold_constants_stores_what_is_worth_it_and_marks_what_changes_by_class():
+    def fn(known, x):
+        text = known["w"] @ known["batch"]["v"]  # (4, 3) from constants: stored, per class
+        mask = jnp.broadcast_to(known["w"][:, :1], (4, 1000))  # large and cheap: recomputed
+        return {"y": x @ text, "z": x @ mask[:, :4] + x @ known["u"]}
+
+    rng = np.random.default_rng(0)
+    known = {"w": rng.normal(size=(4, 2)).astype(np.float32),
+             "u": rng.normal(size=(4, 4)).astype(np.float32),
+             "batch": {"v": rng.normal(size=(2, 3)).astype(np.float32)}}
+    folded = export.fold_constants(fn, known, jax.ShapeDtypeStruct((6, 4), jnp.float32), "batch")
+    assert sorted(zip(folded.names, folded.per_class, strict=True)) == [
+        ("folded/0", True), ("u", False), ("w", False)]
+    shared, by_class = folded.constants(known)
+    np.testing.assert_allclose(by_class[0], known["w"] @ known["batch"]["v"], rtol=1e-6)
+    stored = iter(shared), iter(by_class)
+    args = [next(stored[c]) for c in folded.per_class]
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    got = jax.tree.unflatten(folded.out_tree, folded.staged(*args, x))
+    expected = fn(known, x)
+    for key in ("y", "z"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5)
