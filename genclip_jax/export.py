@@ -232,11 +232,11 @@ def export(
 
     model = load_model(config, workdir)
     size = config.model.image_size
-    image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
     folded = fold_constants(lambda known, x: _inference(model.method, known, x),
-                            model.step_inputs("", batch), image, "batch")
-    shared, _ = folded.constants(model.step_inputs("", batch))
-    per_class = [folded.constants(model.step_inputs(c, batch))[1] for c in names]
+                            model.step_inputs("", 1), image, "batch")
+    shared, _ = folded.constants(model.step_inputs("", 1))
+    per_class = [folded.constants(model.step_inputs(c, 1))[1] for c in names]
     stacked = [np.stack(arrays) for arrays in zip(*per_class, strict=True)] if per_class[0] else []
     flags = folded.per_class
 
@@ -244,11 +244,16 @@ def export(
         """(stored arrays, class-stacked arrays, class index, uint8 images) -> outputs."""
         common, by_class = iter(shared), iter(per_class)
         stored = [next(by_class)[class_index] if c else next(common) for c in flags]
-        return jax.tree.unflatten(folded.out_tree, folded.staged(*stored, images))
+
+        def one(pixels: jax.Array) -> Any:
+            return jax.tree.unflatten(folded.out_tree, folded.staged(*stored, pixels[None]))
+
+        return jax.tree.map(lambda x: x[:, 0], jax.vmap(one)(images))
 
     exported = jax.export.export(jax.jit(serve), platforms=platforms)(
         *jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (shared, stacked)),
-        jax.ShapeDtypeStruct((), jnp.int32), image)
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
     shared_names = [n for n, c in zip(folded.names, flags, strict=True) if not c]
     class_names = [n for n, c in zip(folded.names, flags, strict=True) if c]
     weights = {**dict(zip(shared_names, map(np.asarray, shared), strict=True)),
@@ -277,6 +282,7 @@ def export(
     try:
         safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in weights.items()},
                                     str(staging / WEIGHTS))
+        (staging / WEIGHTS).chmod(0o644)  # written 0600, but meant to be deployed
         (staging / FUNCTION).write_bytes(exported.serialize())
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         files.swap_directory(staging, out_dir)
