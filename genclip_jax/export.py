@@ -16,12 +16,16 @@ Where the text depends on the image (GenCLIP's MVP branch: prompts built from vi
 the text encoder stays inside the function, and only its image-independent parts (the class
 word's token embeddings, the query-only branch) are folded.
 
+The split is traced for one image and the exported function maps it over the batch
+(`jax.vmap`): every built-in method scores images independently, and what is stored does not
+grow with the batch size.
+
 Classes: the method's per-class inputs are its `host_inputs` under `genclip_jax.load`'s
-adaptation (GenCLIP: the class word's prompt ids; WinCLIP: the class's text embeddings). What is
-folded from them is stored once per exported class, stacked, and the function takes the class's
-index. Exported: "" (no class: the method's generic word) and `classes` (`--class=a,b`), else the
-calibration's classes. Any per-class array a method takes through `host_inputs` (e.g. a few-shot
-memory bank) is exported this way with no change here.
+adaptation (GenCLIP: the class word's prompt ids, no CNF, as `Model.predict`; WinCLIP: the
+class's text embeddings). What is folded from them is stored once per exported class, stacked,
+and the function takes the class's index. Exported: "" (no class: the method's generic word) and
+`classes` (`--class=a,b`), else the calibration's classes. Any per-class array a method takes
+through `host_inputs` (e.g. a few-shot memory bank) is exported this way with no change here.
 """
 
 from __future__ import annotations
