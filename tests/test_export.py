@@ -20,7 +20,7 @@ from PIL import Image
 from train_helpers import subprocess_env
 
 import genclip_jax
-from genclip_jax import calibrate, checkpoint, defaults, export, serving
+from genclip_jax import calibrate, checkpoint, defaults, export, run_dir, serving
 from genclip_jax.clip.model import CLIPConfig
 from genclip_jax.data import pipeline, synthetic
 from genclip_jax.methods import create_method
@@ -200,9 +200,21 @@ def _no_params(config):
     return config
 
 
+def _run(config: ml_collections.ConfigDict, run: pathlib.Path) -> ml_collections.ConfigDict:
+    """A run directory holding the params export of `config` as its checkpoint (no training);
+    the config that reads it."""
+    params, _ = checkpoint.load_params(config.eval.params)
+    config = config.copy_and_resolve_references()
+    config.eval.params = ""
+    run_dir.RunDir(run).write_config(config)
+    with checkpoint.Checkpointer(run / "checkpoints") as ckpt:
+        ckpt.save(1, params, {"step": np.int32(1)})
+    return config
+
+
 def test_genclip_folds_a_set_per_class_and_keeps_the_mvp_text_encoder(base, tmp_path):
-    config = _config("genclip", base)
-    out = export.export(config, None, str(tmp_path / "gc"), batch_size=BATCH,
+    config = _run(_config("genclip", base), tmp_path / "run")
+    out = export.export(config, str(tmp_path / "run"), str(tmp_path / "gc"), batch_size=BATCH,
                         classes=["disc", "candle"])
     artifact = serving.load(out)
     manifest = artifact.manifest
@@ -210,7 +222,8 @@ def test_genclip_folds_a_set_per_class_and_keeps_the_mvp_text_encoder(base, tmp_
     assert manifest["arguments"]["per_class"]  # the class word's prompt embeddings
     # MVP: the prompts take vision tokens, so the text encoder runs inside the function
     assert any(n.startswith("clip_params/text") for n in manifest["arguments"]["shared"])
-    model = genclip_jax.load(config.eval.params, config=config)
+    assert manifest["source"].startswith(str(tmp_path / "run" / "checkpoints"))
+    model = genclip_jax.load(tmp_path / "run")
     images = _images(3, seed=2)
     for cls, word in (("disc", "disc"), ("candle", "candle"), ("", "object")):
         got = artifact(images, class_name=cls)
