@@ -197,6 +197,45 @@ def _check_out(out: str, overwrite: bool) -> pathlib.Path:
     return path
 
 
+def serving_function(
+    folded: Folded, shared: Sequence[Any], stacked: Sequence[np.ndarray],
+    images: jax.ShapeDtypeStruct, platforms: Sequence[str],
+) -> jax.export.Exported:
+    """`folded.staged` (of one image) mapped over a batch `images`, exported: (stored arrays,
+    class-stacked arrays, class index int32, images) -> {"anomaly_map", "image_score"}; the
+    class's row of each stacked array is picked on device."""
+
+    def serve(shared: list, per_class: list, class_index: jax.Array, images: jax.Array):
+        common, by_class = iter(shared), iter(per_class)
+        stored = [next(by_class)[class_index] if c else next(common) for c in folded.per_class]
+
+        def one(pixels: jax.Array) -> Any:
+            return jax.tree.unflatten(folded.out_tree, folded.staged(*stored, pixels[None]))
+
+        return jax.tree.map(lambda x: x[:, 0], jax.vmap(one)(images))
+
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (shared, stacked))
+    return jax.export.export(jax.jit(serve), platforms=platforms)(
+        *spec, jax.ShapeDtypeStruct((), jnp.int32), images)
+
+
+def _write(out_dir: pathlib.Path, weights: dict[str, np.ndarray],
+           exported: jax.export.Exported, manifest: dict) -> None:
+    """The three files, staged beside `out_dir`, then swapped in as a whole."""
+    staging = out_dir.with_name(f".{out_dir.name}.incoming")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in weights.items()},
+                                    str(staging / WEIGHTS))
+        (staging / WEIGHTS).chmod(0o644)  # written 0600, but meant to be deployed
+        (staging / FUNCTION).write_bytes(exported.serialize())
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        files.swap_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def export(
     config: ml_collections.ConfigDict,
     workdir: str | None,
@@ -242,22 +281,9 @@ def export(
     shared, _ = folded.constants(model.step_inputs("", 1))
     per_class = [folded.constants(model.step_inputs(c, 1))[1] for c in names]
     stacked = [np.stack(arrays) for arrays in zip(*per_class, strict=True)] if per_class[0] else []
+    exported = serving_function(folded, shared, stacked,
+                                jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8), platforms)
     flags = folded.per_class
-
-    def serve(shared: list, per_class: list, class_index: jax.Array, images: jax.Array):
-        """(stored arrays, class-stacked arrays, class index, uint8 images) -> outputs."""
-        common, by_class = iter(shared), iter(per_class)
-        stored = [next(by_class)[class_index] if c else next(common) for c in flags]
-
-        def one(pixels: jax.Array) -> Any:
-            return jax.tree.unflatten(folded.out_tree, folded.staged(*stored, pixels[None]))
-
-        return jax.tree.map(lambda x: x[:, 0], jax.vmap(one)(images))
-
-    exported = jax.export.export(jax.jit(serve), platforms=platforms)(
-        *jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (shared, stacked)),
-        jax.ShapeDtypeStruct((), jnp.int32),
-        jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8))
     shared_names = [n for n, c in zip(folded.names, flags, strict=True) if not c]
     class_names = [n for n, c in zip(folded.names, flags, strict=True) if c]
     weights = {**dict(zip(shared_names, map(np.asarray, shared), strict=True)),
@@ -280,18 +306,7 @@ def export(
         "versions": {"jax": jax.__version__, "genclip_jax": genclip_jax.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    staging = out_dir.with_name(f".{out_dir.name}.incoming")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in weights.items()},
-                                    str(staging / WEIGHTS))
-        (staging / WEIGHTS).chmod(0o644)  # written 0600, but meant to be deployed
-        (staging / FUNCTION).write_bytes(exported.serialize())
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        files.swap_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _write(out_dir, weights, exported, manifest)
     print(f"artifact in {out_dir}: {config.method}, {batch} x {size}x{size} uint8 images, "
           f"platforms {', '.join(platforms)}, classes {names[1:] or 'none'}"
           + (", calibrated" if thresholds else ""))
