@@ -1,6 +1,7 @@
 """Run an artifact of `genclip-jax export` with jax and numpy only: no flax, optax, orbax or
-ml_collections at run time (safetensors' numpy reader loads the weights; PIL, through the input
-pipeline's reader, is needed by `preprocess` alone).
+ml_collections at run time (besides them: safetensors' numpy reader for the weights, flatbuffers,
+which `jax.export` needs to deserialise, and PIL, through the input pipeline's reader, for
+`preprocess`).
 
     from genclip_jax import serving
     model = serving.load("artifacts/ac_visa")                  # manifest, weights, function
