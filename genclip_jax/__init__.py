@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.5.0"
+__version__ = "0.7.0"
 
 # Public name -> "module:attribute" ("module" alone: the module itself).
 _PUBLIC = {

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from genclip_jax import (
+    calibrate,
     checkpoint,
     config_overrides,
     defaults,
@@ -55,10 +56,15 @@ class Prediction:
 
     anomaly_map: (N, S, S) float32 per-pixel anomaly scores (blurred, as `eval` scores them).
     image_score: (N,) float32 image anomaly scores.
+    decision: (N,) bool, True = anomalous (image_score >= the class's calibrated image
+      threshold), or None when the model has no calibration (`genclip-jax calibrate`).
+    defect_mask: (N, S, S) bool, anomaly_map >= the calibrated pixel threshold, or None.
     """
 
     anomaly_map: np.ndarray
     image_score: np.ndarray
+    decision: np.ndarray | None = None
+    defect_mask: np.ndarray | None = None
 
 
 def _images_in(images: Any, image_size: int, normalized: bool) -> np.ndarray:
@@ -91,8 +97,10 @@ class Model:
     Built by `load`; `config` and `method` are what it runs, `source` where its params came from.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, inference: evaluate.Model) -> None:
+    def __init__(self, config: ml_collections.ConfigDict, inference: evaluate.Model,
+                 calibration: calibrate.Calibration | None = None) -> None:
         self.config = config
+        self.calibration = calibration  # thresholds of `decision` / `defect_mask`, or None
         self._inference = inference
         self.batch_size = config.eval.batch_size
         self._adaptations: dict[str, Adaptation] = {}
@@ -155,10 +163,15 @@ class Model:
         m = self._inference
         maps, scores = [], []
         for batch, n in self._batches(pixels, class_name):
-            out = m.predict(m.params, m.clip_params, batch.pop("image"), batch)
+            out = m.infer(batch.pop("image"), batch, class_name or "", keep_others=True)
             maps.append(np.asarray(out["anomaly_map"])[:n])
             scores.append(np.asarray(out["image_score"])[:n])
-        return Prediction(np.concatenate(maps), np.concatenate(scores))
+        anomaly_map, image_score = np.concatenate(maps), np.concatenate(scores)
+        if self.calibration is None:
+            return Prediction(anomaly_map, image_score)
+        entry = self.calibration.entry(class_name or "")
+        return Prediction(anomaly_map, image_score, image_score >= entry["image_threshold"],
+                          anomaly_map >= entry["pixel_threshold"])
 
     def encode_images(self, images: Any, *, normalized: bool = False) -> VisionFeatures:
         """The frozen vision features the method uses (numpy; leading axis N for the global
@@ -220,10 +233,27 @@ def _as_config(config: str | os.PathLike | ml_collections.ConfigDict) -> ml_coll
     return config_overrides.load_config_file(os.fspath(config))
 
 
+def _calibration(given: str | os.PathLike | None, run: pathlib.Path | None,
+                 config: ml_collections.ConfigDict) -> calibrate.Calibration | None:
+    """`given` (an error unless it fits `config`), else the run's own calibration.json when it
+    fits (a config changed at load time, e.g. few-shot, gets a warning and no decisions)."""
+    if given is not None:
+        return calibrate.load(given, config)
+    default = run / calibrate.FILE_NAME if run is not None else None
+    if default is None or not default.is_file():
+        return None
+    try:
+        return calibrate.load(default, config)
+    except ValueError as err:
+        logging.warning("load: %s; predictions carry no decisions", err)
+        return None
+
+
 def load(
     path: str | os.PathLike | None = None,
     *,
     config: str | os.PathLike | ml_collections.ConfigDict | None = None,
+    calibration: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> Model:
     """A model ready for `predict`, from a run, a params export or a config.
@@ -233,9 +263,11 @@ def load(
         params export (the output of `genclip-jax convert`). None: `config` alone, for a method
         with nothing to train.
       config: a config file (`configs/X.py[:arg]`) or ConfigDict; default: the run's own.
+      calibration: a calibration.json of `genclip-jax calibrate` for `Prediction.decision`;
+        default: the run's own when it exists and was made for this config.
       **overrides: config fields to change: `clip=` (the backbone: e.g. a local copy of the
         run's weights), `image_size=`, `compute_dtype=`, `batch_size=`, `num_devices=`, or any
-        field with `__` for its dots (`genclip__fusion_w=0.3`).
+        field with `__` for its dots (`genclip__fusion_w=0.3`, `fewshot__k=4`).
     """
     if path is None:
         if config is None:
@@ -246,7 +278,7 @@ def load(
         if jax.tree.leaves(jax.eval_shape(inference.method.init, jax.random.PRNGKey(0))):
             raise ValueError(f"load: method {cfg.method!r} learns params: load a run directory "
                              "or a params export, not a config alone")
-        return Model(cfg, inference)
+        return Model(cfg, inference, _calibration(calibration, None, cfg))
     path = pathlib.Path(path)
     run = run_dir.RunDir(path)
     if run.saved_config() is not None:
@@ -257,13 +289,15 @@ def load(
         if unpinned:
             logging.warning("load: model.clip=%r instead of the run's: it must hold the same "
                             "weights", cfg.model.clip)
-        return Model(cfg, evaluate.load_model(cfg, str(path), unpinned=unpinned))
+        calibrated = _calibration(calibration, path, cfg)
+        return Model(cfg, evaluate.load_model(cfg, str(path), unpinned=unpinned), calibrated)
     if (path / "params").is_dir():
         _, info = checkpoint.load_params(path)
         cfg = _as_config(config) if config else _export_config(info, path)
         cfg = _apply(cfg, {**overrides, "eval__params": str(path)})
         validate.validate(cfg, "predict")
-        return Model(cfg, evaluate.load_model(cfg, ""))
+        calibrated = _calibration(calibration, None, cfg)
+        return Model(cfg, evaluate.load_model(cfg, ""), calibrated)
     raise FileNotFoundError(
         f"load: {path} is neither a run directory (expected {path / 'config.json'} and "
         f"{path / 'checkpoints'}) nor a params export (expected {path / 'params'}/)"

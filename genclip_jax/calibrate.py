@@ -28,7 +28,7 @@ import warnings
 import ml_collections
 import numpy as np
 
-from genclip_jax import evaluate, files, run_dir, validate
+from genclip_jax import evaluate, fewshot, files, run_dir, validate
 from genclip_jax.data import image_sets, pipeline
 from genclip_jax.methods import needs_training
 
@@ -210,6 +210,19 @@ def calibrate(
         raise FileExistsError(f"{path} exists: pass --overwrite to replace it")
     files.check_writable(path.parent, "--out" if out else f"the run {workdir}")
     normal_entries = image_sets.image_set(normal, "normal", "--normal")
+    if config.fewshot.k:  # a reference scores as perfectly normal against itself: left out
+        refs = fewshot.chosen_files(config.fewshot, [e["cls_name"] for e in normal_entries])
+        kept = [e for e in normal_entries
+                if (pathlib.Path(normal) / e["img_path"]).resolve() not in refs]
+        if not kept:
+            raise ValueError(f"--normal={normal}: every image is a few-shot reference of its "
+                             "class (fewshot.*): calibrate on other normal images")
+        if len(kept) < len(normal_entries):
+            warnings.warn(f"{normal}: {len(normal_entries) - len(kept)} image(s) are few-shot "
+                          "references of their class (fewshot.*) and are left out of the "
+                          "calibration: against themselves they would score as perfectly normal",
+                          UserWarning, stacklevel=2)
+        normal_entries = kept
     counts = image_sets.class_counts(normal_entries)
     validate.check_class_names((e["cls_name"] for e in normal_entries), normal)
     few = {c: n for c, n in counts.items() if n < cfg.min_images}

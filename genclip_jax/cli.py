@@ -88,10 +88,10 @@ COMMANDS = {
     ),
     "benchmark": Command(
         "the papers' protocol: train on --source per seed, evaluate on every --targets set",
-        ("config", "workdir", "source", "targets", "roots", "seeds", "profile"),
+        ("config", "workdir", "source", "targets", "roots", "seeds", "shots", "profile"),
         "genclip-jax benchmark --config=configs/anomalyclip.py:visa --workdir=runs/table1 "
         "--source=visa --targets=mvtec,mpdd --roots=visa=/data/visa,mvtec=/data/mvtec,"
-        "mpdd=/data/mpdd --seeds=111,112,113",
+        "mpdd=/data/mpdd --seeds=111,112,113 --shots=0,1,2,4",
     ),
 }
 HELP_ARGS = ("--help", "-help", "-h", "--helpfull", "-helpfull", "--helpshort", "-helpshort")
@@ -187,6 +187,8 @@ flags.DEFINE_list("seeds", None,
 flags.DEFINE_string("source", None, "benchmark: the set to train on (a name in --roots).")
 flags.DEFINE_list("targets", None, "benchmark: the sets to evaluate on (names in --roots).")
 flags.DEFINE_list("roots", None, "benchmark: name=root of every set, e.g. mvtec=/data/mvtec.")
+flags.DEFINE_list("shots", ["0"], "benchmark: numbers of normal references per class, 0 = "
+                  "zero-shot; k > 0 draws them from each target's train split.")
 flags.DEFINE_bool("profile", False, "Write a jax.profiler trace into WORKDIR/profile.")
 
 
@@ -312,8 +314,9 @@ def _benchmark() -> None:
 
     _require("workdir", "source", "targets", "roots")
     seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+    shots = [int(k) for k in FLAGS.shots] if FLAGS.shots else []
     protocol.run_protocol(_config(), FLAGS.workdir, FLAGS.source, FLAGS.targets,
-                          protocol.parse_roots(FLAGS.roots), seeds)
+                          protocol.parse_roots(FLAGS.roots), seeds, shots)
 
 
 def _synthetic() -> None:

@@ -108,12 +108,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.winclip.temperature = 0.07
     c.winclip.generic_word = "object"  # the class word when the class is unknown
 
-    # Few-shot references (WinCLIP+): k normal images per class from `reference`, a dataset
-    # root with meta.json (the good images of `split`) or a folder of class folders.
+    # Few-shot (every method; `genclip_jax.fewshot`): k normal reference images per class from
+    # `reference`, a dataset root with meta.json (the good images of `split`), a good/defect
+    # folder or a folder of class folders, drawn with `seed`. `eval` defaults to the test
+    # root's `split`. AnomalyCLIP/GenCLIP fuse `1 - max cos` to the references' patch tokens
+    # at `layers` into their map and score; WinCLIP+ has its own association (winclip spec).
     c.fewshot = ml_collections.ConfigDict()
     c.fewshot.k = 0  # 0: zero-shot
-    c.fewshot.reference = ""
+    c.fewshot.reference = ""  # eval: empty = data.test_root; predict / calibrate: required
     c.fewshot.split = "train"
+    c.fewshot.seed = 0
+    c.fewshot.layers = ()  # empty: the method's patch layers
+    c.fewshot.weight = 0.5  # map = (1 - weight) * zero-shot + weight * few-shot
+    c.fewshot.image_weight = 0.5  # score = zero-shot score + image_weight * max(few-shot map)
+    c.fewshot.chunk_rows = 4096  # bank rows per matmul of the nearest-neighbour search
 
     # Data: meta.json datasets (AnomalyCLIP/AdaCLIP format).
     c.data = ml_collections.ConfigDict()

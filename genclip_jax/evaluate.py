@@ -28,7 +28,17 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm import tqdm
 
-from genclip_jax import checkpoint, files, heatmaps, metrics, parallel, run_dir, steps, validate
+from genclip_jax import (
+    checkpoint,
+    fewshot,
+    files,
+    heatmaps,
+    metrics,
+    parallel,
+    run_dir,
+    steps,
+    validate,
+)
 from genclip_jax.backbone import load_backbone
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline
@@ -81,9 +91,20 @@ class Model:
     params: Any
     clip_params: Any
     mesh: Mesh
-    predict: Callable
+    predict: Callable  # the method's own (zero-shot) inference
     source: str  # where the params came from: a checkpoint step, a params export, the caller
     adaptation: Adaptation = dataclasses.field(default_factory=dict)  # of `prepare_eval`
+    # `fewshot.k` > 0 for a `fewshot.PatchMethod`: the class memories fused into `infer`.
+    references: fewshot.References | None = None
+    classes: np.ndarray | None = None  # of each dataset index, from `adapt_to_classes`
+
+    def infer(self, images: jax.Array, batch: dict, class_name: str = "",
+              keep_others: bool = False) -> dict[str, jax.Array]:
+        """Maps and scores of a global batch; with references, all its images are of
+        `class_name` (see `fewshot.References.bank` for `keep_others`)."""
+        if self.references is None:
+            return self.predict(self.params, self.clip_params, images, batch)
+        return self.references.predict(self.params, images, batch, class_name, keep_others)
 
 
 def load_model(
@@ -102,13 +123,19 @@ def load_model(
         params, source = load_trained_params(config, workdir, method, mesh, unpinned)
     else:
         params, source = parallel.replicate(jax.device_get(params), mesh), "given params"
+    clip_params = parallel.replicate(clip_params, mesh)
+    references = None
+    if config.fewshot.k and isinstance(method, fewshot.PatchMethod):
+        references = fewshot.References(config.fewshot, method, clip_params, mesh,
+                                        config.eval.batch_size)
     return Model(
         method=method,
         params=params,
-        clip_params=parallel.replicate(clip_params, mesh),
+        clip_params=clip_params,
         mesh=mesh,
         predict=make_predict_fn(method),
         source=source,
+        references=references,
     )
 
 
@@ -131,16 +158,25 @@ def predictions(
     Outputs: anomaly_map (B, S, S), image_score (B,) and the batch's mask, label, has_mask,
     index, valid.
     """
-    plan = pipeline.host_batch_indices(len(dataset), config.eval.batch_size)
+    if model.references is None:
+        plan = pipeline.host_batch_indices(len(dataset), config.eval.batch_size)
+        batch_classes = [""] * len(plan)
+    elif model.classes is None:
+        raise ValueError("few-shot inference needs the images' classes: pass the model through "
+                         "adapt_to_classes first")
+    else:  # one class per batch: it runs against that class's references
+        plan, batch_classes = pipeline.grouped_batch_indices(model.classes,
+                                                             config.eval.batch_size)
     batches = pipeline.batches(
         dataset, plan, prefetch=config.data.prefetch, image_size=config.model.image_size,
         skip_unreadable=skip_unreadable,
     )
-    for host_batch in tqdm(batches, total=len(plan), desc=desc,
-                           disable=not config.train.progress or jax.process_index() != 0):
+    for host_batch, class_name in tqdm(
+            zip(batches, batch_classes, strict=True), total=len(plan), desc=desc,
+            disable=not config.train.progress or jax.process_index() != 0):
         host_batch.update(model.method.host_inputs(host_batch, model.adaptation))
         batch = parallel.global_batch(host_batch, model.mesh)
-        pred = model.predict(model.params, model.clip_params, batch.pop("image"), batch)
+        pred = model.infer(batch.pop("image"), batch, str(class_name))
         keys = ("mask", "label", "has_mask", "index", "valid")
         yield host_batch, {**pred, **{k: batch[k] for k in keys}}
 
@@ -205,7 +241,9 @@ def adapt_to_classes(
     )
     for name, decision in decisions.items():
         logging.info("class %s: %s", name, decision)
-    return dataclasses.replace(model, adaptation=decisions)
+    if model.references is not None:
+        model.references.check(names.tolist())
+    return dataclasses.replace(model, adaptation=decisions, classes=names)
 
 
 def class_row(results: dict[str, np.ndarray], config: ml_collections.ConfigDict,
@@ -371,7 +409,8 @@ def prepare_target(
                          + (f" for classes {classes}" if classes else "") + "; nothing to evaluate")
     validate.check_class_names((e["cls_name"] for e in entries), str(meta_path))
     flag = "--out" if out else f"eval output (default of --out, in the run {workdir})"
-    out_dir = files.check_replaceable(out or run_dir.RunDir(workdir).eval_dir(root), flag)
+    out_dir = files.check_replaceable(
+        out or run_dir.RunDir(workdir).eval_dir(root, fewshot.label(config.fewshot)), flag)
     parallel.initialize(config.parallel)  # before the first question to JAX
     if jax.process_index() == 0:
         files.check_writable(out_dir.parent, flag)
@@ -390,6 +429,16 @@ def adaptation_record(adaptation: Adaptation) -> dict[str, dict]:
     return record if any(record.values()) else {}
 
 
+def table_name(config: ml_collections.ConfigDict, root: str) -> tuple[str, str]:
+    """(file stem, title) of a set's tables: few-shot ones name k and the references' seed."""
+    label = fewshot.label(config.fewshot)
+    if not label:
+        return "metrics", ""
+    return f"metrics_{label}", (f"{pathlib.Path(root).absolute().name}: {config.fewshot.k}-shot, "
+                                f"references drawn with fewshot.seed={config.fewshot.seed} from "
+                                f"{config.fewshot.reference} ({config.fewshot.split} split)")
+
+
 def write_results(
     config: ml_collections.ConfigDict, model: Model, target: Target, rows: dict,
     shown: dict[int, tuple[np.ndarray, np.ndarray | None]], value_range: tuple[float, float],
@@ -400,7 +449,7 @@ def write_results(
     failure = None
     with run_dir.staged_output(target.out) as stage:
         if lead:
-            metrics.write_tables(rows, stage)
+            metrics.write_tables(rows, stage, *table_name(config, target.root))
             if decisions := adaptation_record(model.adaptation):
                 write_atomic(stage / "class_names.json", json.dumps(decisions, indent=2) + "\n")
             info = {"test_root": str(pathlib.Path(target.root).absolute()),
@@ -417,7 +466,7 @@ def write_results(
         raise RuntimeError(f"writing the heatmaps failed ({failure}); the tables are complete "
                            f"in {target.out}") from failure
     if lead:
-        print(metrics.format_markdown(rows))
+        print(metrics.format_markdown(rows, table_name(config, target.root)[1]))
         print(f"results in {target.out}")
 
 
@@ -431,6 +480,9 @@ def evaluate(
     """
     validate.validate(config, "eval")
     target = prepare_target(config, workdir, out)
+    if config.fewshot.k and not config.fewshot.reference:  # the target's own train split
+        config = config.copy_and_resolve_references()
+        config.fewshot.reference = target.root
     if params is None and not config.eval.params and needs_training(config.method):
         run_dir.RunDir(workdir).check_readable(config)  # before the backbone is loaded
     model = load_model(config, workdir, params)

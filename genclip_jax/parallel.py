@@ -104,6 +104,12 @@ def replicate(tree, mesh: Mesh):
     return jax.tree_util.tree_map(put, tree)
 
 
+def distribute(full: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+    """An array every host holds whole -> one global array split over "data" on `axis`."""
+    return jax.make_array_from_callback(full.shape, batch_sharding(mesh, axis),
+                                        lambda index: full[index])
+
+
 def global_array(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
     """This host's rows (batch on `axis`) -> one global array sharded on "data"."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh, axis), local)

@@ -50,8 +50,8 @@ MODEL_FIELDS: tuple[str, ...] = (
     "genclip.mvp_source", "genclip.mvp_bias", "genclip.mvp_target", "genclip.normal_state",
     "genclip.abnormal_state", "genclip.deep_depth", "genclip.deep_length",
     "genclip.fp16_deep_prompts", "genclip.temperature", "genclip.image_text_layer",
-    # Training-free methods: their fixed prompts, windows and few-shot references.
-    "winclip", "fewshot",
+    # Training-free methods: their fixed prompts and windows.
+    "winclip",
 )
 TRAINING_FIELDS: tuple[str, ...] = (
     "data.train_root", "data.train_split", "data.train_classes", "data.missing_mask",
@@ -66,7 +66,7 @@ TRAINING_FIELDS: tuple[str, ...] = (
 
 # What a model's scores depend on besides its checkpoint: every model and inference knob.
 SCORE_FIELDS: tuple[str, ...] = (
-    *MODEL_FIELDS, "model", "prompts", "anomalyclip", "genclip", "eval.params",
+    *MODEL_FIELDS, "model", "prompts", "anomalyclip", "genclip", "eval.params", "fewshot",
 )
 
 _ABSENT = "<absent>"
@@ -184,9 +184,11 @@ class RunDir:
             text = json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n"
             files.write_atomic(self.config_path, text)
 
-    def eval_dir(self, test_root: str) -> pathlib.Path:
-        """Default output of evaluating on `test_root`: one folder per target set."""
-        return self.path / "eval" / pathlib.Path(test_root).absolute().name
+    def eval_dir(self, test_root: str, label: str = "") -> pathlib.Path:
+        """Default output of evaluating on `test_root`: one folder per target set (and few-shot
+        `label`, so a k-shot evaluation never replaces the zero-shot one)."""
+        name = pathlib.Path(test_root).absolute().name
+        return self.path / "eval" / (f"{name}_{label}" if label else name)
 
     def predict_dir(self) -> pathlib.Path:
         return self.path / "predict"

@@ -63,7 +63,7 @@ POSITIVE_INTS = (
     "model.image_size", "prompts.n_ctx", "genclip.state_len", "genclip.gqp_len",
     "train.epochs", "train.batch_size", "train.checkpoint_keep", "train.log_every_steps",
     "eval.batch_size", "parallel.initialization_timeout", "parallel.heartbeat_timeout",
-    "calibrate.min_images",
+    "calibrate.min_images", "fewshot.chunk_rows",
 )
 NON_NEGATIVE_INTS = (
     "model.dpam_start", "model.vision_heads", "model.text_heads", "prompts.deep_depth",
@@ -77,10 +77,11 @@ POSITIVE_FLOATS = (
 NON_NEGATIVE_FLOATS = (
     "prompts.init_std", "genclip.init_std", "anomalyclip.local_loss_weight",
     "genclip.image_loss_weight", "genclip.query_loss_weight", "calibrate.outlier_iqr",
+    "fewshot.image_weight",
 )
 UNIT_INTERVAL = (  # [0, 1]
     "genclip.fusion_w", "genclip.image_score_mix", "train.synthetic_fraction",
-    "calibrate.display_quantile", "calibrate.outlier_quantile",
+    "calibrate.display_quantile", "calibrate.outlier_quantile", "fewshot.weight",
 )
 RATES = ("calibrate.image_fpr", "calibrate.pixel_fpr")  # (0, 1)
 BETAS = ("train.b1", "train.b2")  # [0, 1)
@@ -90,7 +91,8 @@ TEMPLATES = (
     "genclip.abnormal_state", "genclip.cnf.template",
 )
 TEMPLATE_LISTS = ("winclip.templates", "winclip.normal_states", "winclip.anomalous_states")
-FEWSHOT_METHODS = ("winclip",)  # the methods with a few-shot path (`fewshot.k` > 0)
+# The methods with a few-shot path (`fewshot.k` > 0): WinCLIP+'s own, the `fewshot` add-on.
+FEWSHOT_METHODS = ("winclip", "anomalyclip", "genclip")
 COMMANDS = ("train", "eval", "predict", "ablate", "calibrate")
 # Names a class may not have: the tables' mean row, and what would escape a heatmap folder.
 RESERVED_CLASS_NAMES = (metrics.MEAN_ROW,)
@@ -190,7 +192,7 @@ def _template_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _winclip_errors(config: ml_collections.ConfigDict, command: str) -> list[str]:
-    """WinCLIP's scales, a training-free method asked to train, and the few-shot references."""
+    """WinCLIP's scales, and a training-free method asked to train."""
     errors = []
     scales = list(config.winclip.scales)
     if not scales or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
@@ -200,15 +202,42 @@ def _winclip_errors(config: ml_collections.ConfigDict, command: str) -> list[str
     if command == "train" and config.method in METHODS and not needs_training(config.method):
         errors.append(f"method: {config.method!r} needs no training (it learns nothing): run "
                       "`genclip-jax eval` or `predict` with this config directly")
-    if config.fewshot.k and config.method not in FEWSHOT_METHODS:
+    return errors
+
+
+def _fewshot_errors(config: ml_collections.ConfigDict, command: str) -> list[str]:
+    """A method without a few-shot path, layers its features lack, and references that are
+    missing or would be the test images themselves."""
+    fs, errors = config.fewshot, []
+    layers = list(fs.layers)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers) or len(
+            set(layers)) != len(layers):
+        errors.append(f"fewshot.layers: expected distinct layer numbers, got {layers!r}")
+    elif (field := LAYER_LISTS.get(config.method)) and (
+            beyond := [x for x in layers if x not in get_field(config, field)]):
+        errors.append(f"fewshot.layers: {beyond} are not among {field}="
+                      f"{list(get_field(config, field))}, the layers whose patch tokens the "
+                      "method computes (empty: all of them)")
+    elif layers and config.method == "winclip":
+        errors.append(f"fewshot.layers: WinCLIP+ compares the patch and window embeddings of its "
+                      f"last layer, not layers; leave it empty (got {layers!r})")
+    if not fs.k:
+        return errors
+    if config.method not in FEWSHOT_METHODS:
         errors.append(f"fewshot.k: method {config.method!r} has no few-shot path (methods with "
                       f"one: {list(FEWSHOT_METHODS)}); set fewshot.k=0")
-    elif config.fewshot.k and command in ("eval", "predict"):
-        ref = pathlib.Path(config.fewshot.reference or "")
-        if not config.fewshot.reference or not ref.is_dir():
-            errors.append(f"fewshot.reference: fewshot.k={config.fewshot.k} needs a folder of "
-                          "normal reference images: a dataset root with meta.json or a folder "
-                          f"of class folders, got {config.fewshot.reference!r}")
+    if command not in ("eval", "predict", "calibrate"):
+        return errors
+    reference = fs.reference or (config.data.test_root if command == "eval" else "")
+    if not reference or not pathlib.Path(reference).is_dir():
+        errors.append(f"fewshot.reference: fewshot.k={fs.k} needs a folder of normal reference "
+                      "images: a dataset root with meta.json, a good/defect folder or a folder "
+                      f"of class folders, got {fs.reference!r}")
+    elif (command == "eval" and fs.split == config.data.test_split
+          and pathlib.Path(reference).resolve() == pathlib.Path(config.data.test_root).resolve()):
+        errors.append(f"fewshot.split: the references would be the test images themselves "
+                      f"(split {fs.split!r} of {config.data.test_root}); take them from another "
+                      "split (fewshot.split=train) or another folder (fewshot.reference)")
     return errors
 
 
@@ -247,6 +276,7 @@ def validate(config: ml_collections.ConfigDict, command: str) -> None:
     errors += _list_errors(config)
     errors += _template_errors(config)
     errors += _winclip_errors(config, command)
+    errors += _fewshot_errors(config, command)
     if config.method == "anomalyclip" and config.prompts.deep_depth > 1 and (
         config.prompts.deep_length < 1
     ):

@@ -20,9 +20,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir, data_root, num_processes: int, started=None, extra=lambda pid: []):
-    """Starts `genclip-jax train` as processes `started` (default all) of `num_processes`;
-    `extra(pid)` adds flags to one process (later flags win)."""
+def start(workdir, data_root, num_processes: int, started=None, extra=lambda pid: [],
+          command: str = "train"):
+    """Starts `genclip-jax <command>` (train, eval) as processes `started` (default all) of
+    `num_processes`; `extra(pid)` adds flags to one process (later flags win)."""
     port = free_port()
     env = {**subprocess_env(), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -31,7 +32,7 @@ def start(workdir, data_root, num_processes: int, started=None, extra=lambda pid
     for pid in range(num_processes) if started is None else started:
         log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read and closed by finish
         proc = subprocess.Popen(
-            [sys.executable, "-m", "genclip_jax.cli", "train", *cli_overrides(data_root),
+            [sys.executable, "-m", "genclip_jax.cli", command, *cli_overrides(data_root),
              f"--workdir={workdir}", "--config.train.epochs=1",
              "--config.eval.heatmaps_per_class=0", "--config.parallel.multihost=true",
              f"--config.parallel.coordinator_address=127.0.0.1:{port}",
@@ -54,7 +55,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, int]:
 
 
 def launch(workdir, data_root, num_processes: int, started=None, timeout: float = 900,
-            extra=lambda pid: []):
+            extra=lambda pid: [], command: str = "train"):
     """`start`, then each process's (output, exit code)."""
-    procs = start(workdir, data_root, num_processes, started, extra)
+    procs = start(workdir, data_root, num_processes, started, extra, command)
     return [finish(p, timeout) for p in procs]

@@ -7,6 +7,7 @@ import csv
 import json
 import pathlib
 import runpy
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from PIL import Image
 from train_helpers import tiny_config, write_dataset
 
 import genclip_jax
-from genclip_jax import checkpoint, maps, predict, train
+from genclip_jax import calibrate, checkpoint, maps, predict, train
 from genclip_jax.clip.model import CLIPConfig
 from genclip_jax.data import pipeline
 from genclip_jax.methods import METHODS, Method, create_method
@@ -250,3 +251,39 @@ def test_a_method_without_training_loads_from_a_config_alone(data_root, method_r
     result = model.predict(_pixels(_files(data_root)[:2]))
     np.testing.assert_array_equal(result.image_score, result.anomaly_map.max(axis=(1, 2)))
     assert result.anomaly_map.std() > 0  # a real map, not a constant
+
+
+def test_a_calibrated_run_decides_and_a_changed_config_does_not(run, data_root, tmp_path):
+    own = tmp_path / "run"
+    shutil.copytree(run, own)
+    config = genclip_jax.load(own).config
+    config.calibrate.min_images = 4
+    calibrate.calibrate(config, str(own), str(data_root / "disc" / "test" / "good"))
+    thresholds = json.loads((own / "calibration.json").read_text())["classes"]["good"]
+    model = genclip_jax.load(own)
+    pixels = _pixels(_files(data_root)[:5])
+    result = model.predict(pixels, class_name="good")
+    np.testing.assert_array_equal(result.decision,
+                                  result.image_score >= thresholds["image_threshold"])
+    np.testing.assert_array_equal(result.defect_mask,
+                                  result.anomaly_map >= thresholds["pixel_threshold"])
+    assert 0 < result.defect_mask.mean() < 1
+    # A config changed at load time scores differently: its calibration no longer applies.
+    changed = genclip_jax.load(own, anomalyclip__sigma=2.0)
+    assert changed.calibration is None and changed.predict(pixels[:1]).decision is None
+    with pytest.raises(ValueError, match=r"calibrated for another model"):
+        genclip_jax.load(own, calibration=own / "calibration.json", anomalyclip__sigma=2.0)
+
+
+def test_few_shot_from_the_api_uses_the_class_references(run, data_root, tmp_path):
+    good = sorted((data_root / "disc" / "test" / "good").glob("*.png"))
+    (tmp_path / "refs" / "disc").mkdir(parents=True)
+    shutil.copy(good[0], tmp_path / "refs" / "disc" / good[0].name)
+    few = genclip_jax.load(run, fewshot__k=1, fewshot__reference=str(tmp_path / "refs"),
+                           fewshot__weight=1.0, fewshot__image_weight=0.0)
+    pixels = _pixels([good[0], *_files(data_root)[-2:]])
+    maps = few.predict(pixels, class_name="disc").anomaly_map
+    np.testing.assert_allclose(maps[0], 0.0, atol=1e-5)  # its own reference
+    assert maps[1:].max() > 1e-3
+    with pytest.raises(ValueError, match=r"no reference images of class 'bottle'"):
+        few.predict(pixels, class_name="bottle")

@@ -192,6 +192,24 @@ def test_fallback_uses_the_global_thresholds_with_one_warning(setup, tmp_path):
     assert saved["provenance"]["images"]["disc"]["anomalous"] == 4  # 2 good, 4 defect types
 
 
+def test_few_shot_references_are_left_out_of_the_calibration(setup, tmp_path):
+    _, data, config = setup
+    config = config.copy_and_resolve_references()
+    config.fewshot.k, config.fewshot.reference = 3, str(data)
+    config.calibrate.min_images = 7
+    with pytest.warns(UserWarning, match=r"9 image\(s\) are few-shot references of their "
+                                         r"class \(fewshot\.\*\) and are left out"):
+        path = calibrate.calibrate(config, str(tmp_path / "run"), str(data))
+    saved = json.loads(path.read_text())
+    assert saved["provenance"]["images"] == {c: {"normal": 7, "anomalous": 0}
+                                             for c in ("checker", "disc", "stripes")}
+    assert saved["provenance"]["config_hash"] == run_dir.config_hash(config)
+    config.fewshot.k = 10
+    with pytest.raises(ValueError, match=r"every image is a few-shot reference"):
+        calibrate.calibrate(config, str(tmp_path / "run2"), str(data))
+    assert not (tmp_path / "run2").exists()
+
+
 @pytest.fixture(scope="module")
 def calibrated(setup):
     base, data, config = setup

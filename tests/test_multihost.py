@@ -1,9 +1,10 @@
 """Multi-host for real on one machine: 2 processes x 4 CPU devices over loopback (gloo) give the
-same training and the same tables as 1 process x 8 devices."""
+same training and the same tables (zero- and few-shot) as 1 process x 8 devices."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from multihost_helpers import launch
 from train_helpers import tiny_config, write_dataset
 
-from genclip_jax import checkpoint, train_eval
+from genclip_jax import checkpoint, evaluate, train, train_eval
 from genclip_jax.backbone import load_backbone
 from genclip_jax.methods import create_method
 
@@ -66,3 +67,32 @@ def test_processes_with_different_configs_stop_before_training(data_root, tmp_pa
     assert any("processes disagree on the config" in out for out, _ in results)
     assert not (tmp_path / "w" / "checkpoints").is_dir() or not any(
         (tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_few_shot_eval_on_two_processes_matches_one(data_root, tmp_path):
+    """The references' bank is encoded over both processes' devices and replicated: the few-shot
+    tables equal the single-process ones."""
+    refs = tmp_path / "refs" / "disc"
+    refs.mkdir(parents=True)
+    for image in sorted((data_root / "disc" / "test" / "good").glob("*.png"))[:2]:
+        shutil.copy(image, refs / image.name)
+    config = tiny_config(data_root)
+    config.train.epochs = 1
+    config.eval.heatmaps_per_class = 0
+    run = tmp_path / "run"
+    train.train(config, str(run))
+    config.fewshot.k, config.fewshot.reference = 2, str(tmp_path / "refs")
+    single = tmp_path / "single"
+    evaluate.evaluate(config, str(run), out=str(single))
+    multi = tmp_path / "multi"
+    results = launch(run, data_root, 2, command="eval", extra=lambda pid: [
+        "--config.fewshot.k=2", f"--config.fewshot.reference={tmp_path / 'refs'}",
+        f"--out={multi}"])
+    for i, (output, code) in enumerate(results):
+        assert code == 0, f"process {i} failed:\n{output[-4000:]}"
+    name = "metrics_2shot_seed0"
+    want = json.loads((single / f"{name}.json").read_text())["classes"]
+    got = json.loads((multi / f"{name}.json").read_text())["classes"]
+    assert got.keys() == want.keys() == {"disc"}
+    for metric, value in want["disc"].items():
+        assert got["disc"][metric] == pytest.approx(value, abs=1e-6), metric

@@ -81,6 +81,37 @@ def test_two_seeds_two_targets_table_and_resume(sets, tmp_path, monkeypatch, cap
     assert not math.isnan(json.loads((work / "protocol.json").read_text())["variants"]["beta"][
         "mean"]["image_auroc"])
 
+    # --shots adds k-shot cells to the finished runs: references drawn from the target's train
+    # split with fewshot.seed = the seed; no training again, the zero-shot cells kept.
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("retrained"))
+    few = protocol.run_protocol(config, str(work), "alpha", ["beta"], sets, [111, 112], [0, 2])
+    assert list(few["variants"]) == ["beta", "beta 2-shot"]
+    for s in (111, 112):
+        out = work / f"seed{s}" / "eval" / "beta_2shot"
+        recorded = json.loads((out / "eval.json").read_text())["config"]["fewshot"]
+        assert (recorded["k"], recorded["seed"], recorded["reference"]) == (2, s, sets["beta"])
+        rows = json.loads((out / f"metrics_2shot_seed{s}.json").read_text())["classes"]
+        assert json.loads((work / f"seed{s}" / "cells" / "beta_2shot.json").read_text())[
+            "rows"] == rows
+    assert few["variants"]["beta"] == doc["variants"]["beta"]
+    assert few["variants"]["beta 2-shot"]["mean"] != few["variants"]["beta"]["mean"]
+    assert "| beta 2-shot | 111,112 | " in (work / "protocol.md").read_text()
+    assert (work / "classes" / "beta_2shot.md").is_file()
+
+
+def test_too_many_shots_fail_before_anything_is_written(sets, tmp_path):
+    config = tiny_config(sets["alpha"])
+    with pytest.raises(ValueError, match=r"--shots=1000, target beta: .*class 'checker' has "
+                                         r"\d+ normal reference images, fewer than "
+                                         r"fewshot\.k=1000"):
+        protocol.run_protocol(config, str(tmp_path / "w"), "alpha", ["beta"], sets, [0],
+                              [0, 1000])
+    with pytest.raises(ValueError, match=r"--shots: expected distinct numbers"):
+        protocol.run_protocol(config, str(tmp_path / "w"), "alpha", ["beta"], sets, [0],
+                              [2, 2])
+    assert not (tmp_path / "w").exists()
+
 
 def test_a_training_free_method_is_evaluated_once_without_training(sets, tmp_path, monkeypatch):
     config = defaults.tiny_config("winclip")

@@ -109,6 +109,25 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
                 (root / "one_part" / "scores.jsonl").read_text().splitlines()]
     assert record["image"] == "000.png" and record["decision"] in ("normal", "anomalous")
 
+    # Few-shot: eval k=2 from the target's train split, a calibration of its own, decisions.
+    commands = _block_after("<!-- tests/test_readme.py runs this few-shot block")
+    assert [c.split()[1] for c in commands] == ["eval", "calibrate", "predict"]
+    _run(commands, {"/tmp/genclip_try": str(root)})
+    few = run / "eval" / "target_2shot_seed0"
+    assert json.loads((few / "metrics_2shot_seed0.json").read_text())["classes"].keys() == {
+        "checker", "disc", "stripes"}
+    assert (few / "metrics_2shot_seed0.md").read_text().startswith("# target: 2-shot")
+    assert (run / "eval" / "target" / "metrics.json").is_file()  # the zero-shot one is kept
+    few_calibration = json.loads((root / "calibration_2shot.json").read_text())
+    assert few_calibration["provenance"]["images"]["disc"]["normal"] == 2  # 4 good - 2 refs
+    threshold = few_calibration["classes"]["disc"]["image_threshold"]
+    with (root / "decisions_2shot" / "scores.csv").open() as f:
+        few_rows = list(csv.DictReader(f))
+    assert {r["image"] for r in few_rows} == {r["image"] for r in rows}
+    assert [r["image_score"] for r in few_rows] != [r["image_score"] for r in rows]
+    for r in few_rows:
+        assert r["decision"] == ("anomalous" if float(r["image_score"]) >= threshold else "normal")
+
     # The papers' protocol on the same two sets: one table row per target, mean ± std.
     commands = _block_after("<!-- tests/test_readme.py runs this block after the whole-path")
     assert [c.split()[1] for c in commands] == ["benchmark"]
@@ -116,6 +135,7 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
     table = (root / "table" / "protocol.md").read_text()
     assert table.startswith("| dataset | seeds | image_auroc | image_ap | pixel_auroc |")
     assert "| target | 111,112 | " in table and " ± " in table
+    assert "| target 2-shot | 111,112 | " in table
 
 def test_winclip_zero_and_few_shot_without_training(tmp_path):
     commands = _block_after("<!-- tests/test_readme.py runs this WinCLIP block verbatim")
@@ -126,7 +146,7 @@ def test_winclip_zero_and_few_shot_without_training(tmp_path):
     run = root / "run"
     assert not (run / "checkpoints").exists() and not (run / "config.json").exists()
     zero = json.loads((run / "eval" / "data" / "metrics.json").read_text())
-    four = json.loads((run / "eval" / "four_shot" / "metrics.json").read_text())
+    four = json.loads((run / "eval" / "four_shot" / "metrics_4shot_seed0.json").read_text())
     assert zero["classes"].keys() == four["classes"].keys() == {"checker", "disc", "stripes"}
     assert zero["classes"] != four["classes"]  # the references changed the scores
     four_shot = json.loads((run / "eval" / "four_shot" / "eval.json").read_text())

@@ -113,7 +113,8 @@ def test_python_api_runs_zero_and_few_shot_from_a_config(data_root):
     c = few.predict(images, class_name="disc")
     assert np.abs(c.anomaly_map - a.anomaly_map).max() > 1e-4
     # Its own references score near zero on the few-shot side: the map halves at most.
-    refs = [pipeline.read_image(p) for p in fewshot.reference_paths(str(data_root))["disc"][:2]]
+    chosen = fewshot.select(fewshot.reference_paths(str(data_root)), "disc", 2, "", seed=0)
+    refs = [pipeline.read_image(p) for p in chosen]
     own = few.predict(np.stack([np.asarray(r.convert("RGB")) for r in refs]), class_name="disc")
     alone = zero.predict(np.stack([np.asarray(r.convert("RGB")) for r in refs]),
                          class_name="disc")
@@ -130,7 +131,8 @@ def test_references_from_class_folders_equal_meta_json(data_root, tmp_path):
     by_folder = fewshot.reference_paths(str(tmp_path))
     assert {c: [p.name for p in v] for c, v in by_folder.items()} == {
         c: [p.name for p in v] for c, v in by_meta.items()}
-    assert fewshot.select(by_folder, "disc", 2, "x") == by_folder["disc"][:2]
+    assert [p.name for p in fewshot.select(by_folder, "disc", 2, "x")] == [
+        p.name for p in fewshot.select(by_meta, "disc", 2, "x")]
 
     # The good/defect folder layout of make-meta --dataset=folder: its good images only.
     layout = tmp_path.parent / f"{tmp_path.name}_layout"
@@ -177,10 +179,10 @@ def test_config_errors(data_root):
     assert "winclip.scales: expected distinct window sides" in text
     assert "winclip.templates[0]: expected a template with one '{}', got 'a photo'" in text
     assert "fewshot.reference: fewshot.k=1 needs a folder" in text
-    other = defaults.tiny_config("anomalyclip")
-    other.fewshot.k = 1
-    with pytest.raises(ValueError, match=r"fewshot\.k: method 'anomalyclip' has no few-shot"):
-        validate.validate(other, "predict")
+    layers = winclip_config(data_root, fewshot__k=1, fewshot__layers=(12,))
+    with pytest.raises(ValueError, match=r"fewshot\.layers: WinCLIP\+ compares the patch and "
+                                         r"window embeddings of its last layer"):
+        validate.validate(layers, "eval")
     big = winclip_config(data_root, winclip__scales=(2, 8))
     arch = CLIPConfig(**big.model.random_arch.to_dict())
     with pytest.raises(ValueError, match=r"windows of \[8\] patches do not fit the 7x7 patch"):

@@ -444,21 +444,55 @@ def host_batch_indices(
     The order depends only on (n, seed, epoch, shuffle), never on the host, so the union of the
     hosts' rows of a step is the single-host global batch. Host defaults: jax.process_index/count.
     """
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    ).astype(np.int32)
+    return _host_rows(_padded(order, batch_size), process_index, process_count)
+
+
+def _padded(order: np.ndarray, batch_size: int) -> np.ndarray:
+    """(num_batches, batch_size) global batches of `order`, the last one padded with -1."""
+    padded = np.full(num_batches(len(order), batch_size) * batch_size, -1, np.int32)
+    padded[:len(order)] = order
+    return padded.reshape(-1, batch_size)
+
+
+def _host_rows(plan: np.ndarray, process_index: int | None, process_count: int | None
+               ) -> np.ndarray:
+    """This host's columns of a global plan (num_batches, batch_size); defaults: jax's."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    batch_size = plan.shape[1]
     if batch_size % process_count:
         raise ValueError(
             f"batch_size {batch_size} must be a multiple of process_count {process_count}"
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    order = (
-        np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    ).astype(np.int32)
-    padded = np.full(num_batches(n, batch_size) * batch_size, -1, np.int32)
-    padded[:n] = order
     rows = batch_size // process_count
-    return padded.reshape(-1, batch_size)[:, process_index * rows : (process_index + 1) * rows]
+    return plan[:, process_index * rows : (process_index + 1) * rows]
+
+
+def grouped_batch_indices(
+    groups: Sequence[str], batch_size: int, *, process_index: int | None = None,
+    process_count: int | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """`host_batch_indices` (in dataset order) whose batches never mix groups: each group's
+    samples fill batches of their own, its last one padded (few-shot inference runs a batch
+    against one class's references).
+
+    Returns:
+      (this host's (num_batches, batch_size / process_count) indices, -1 = padding; the group
+      of each batch).
+    """
+    groups = np.asarray(groups)
+    plans, names = [], []
+    for group in dict.fromkeys(groups.tolist()):
+        plan = _padded(np.flatnonzero(groups == group).astype(np.int32), batch_size)
+        plans.append(plan)
+        names += [group] * len(plan)
+    plan = np.concatenate(plans) if plans else np.zeros((0, batch_size), np.int32)
+    return _host_rows(plan, process_index, process_count), names
 
 
 def _collate(

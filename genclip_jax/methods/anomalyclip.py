@@ -42,6 +42,7 @@ class AnomalyCLIP(ConfigKeyed):
         self.clip_config = clip_config
         self.text_width = clip_config.text_width
         self.patch_layers = tuple(self.cfg.features_list)
+        self.map_sigma = float(self.cfg.sigma)  # the maps' blur (the few-shot map's too)
         self.hidden_layers: tuple[int, ...] = ()
         self.token_ids = jnp.asarray(
             prompts.template_ids(self.prompt_cfg, clip_config.context_length)
@@ -141,6 +142,6 @@ class AnomalyCLIP(ConfigKeyed):
         out = self.forward(params, clip_params, feats)
         raw = maps.anomaly_map(self.upsampled(out["probs"]), reduce=self.cfg.map_reduce)
         return {
-            "anomaly_map": maps.gaussian_blur(raw, self.cfg.sigma),
+            "anomaly_map": maps.gaussian_blur(raw, self.map_sigma),
             "image_score": maps.image_score(out["image_logits"]),
         }

@@ -45,6 +45,7 @@ class GenCLIP(ConfigKeyed):
         self.clip = CLIP(clip_config)
         self.clip_config = clip_config
         self.patch_layers = tuple(self.cfg.layers)
+        self.map_sigma = float(self.cfg.sigma)  # the maps' blur (the few-shot map's too)
         self.hidden_layers = tuple(self.cfg.layers)
         if self.cfg.image_score not in IMAGE_SCORES:
             raise ValueError(
@@ -196,7 +197,7 @@ class GenCLIP(ConfigKeyed):
         out = self.forward(params, clip_params, feats, batch)
         a_vis, a_q = self.branch_maps(out)
         w = self.cfg.fusion_w
-        fused = maps.gaussian_blur(w * a_vis + (1.0 - w) * a_q, self.cfg.sigma)
+        fused = maps.gaussian_blur(w * a_vis + (1.0 - w) * a_q, self.map_sigma)
         global_score = w * maps.image_score(out["logits_vis"]) + (1.0 - w) * maps.image_score(
             out["logits_q"])
         pixel_max = fused.max(axis=(1, 2))

@@ -170,9 +170,10 @@ def _json(columns: list[str], table: dict[str, dict[str, float]]) -> str:
 _RENDERERS = {"md": _markdown, "csv": _csv, "json": _json}
 
 
-def format_markdown(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """Markdown table: one row per class plus the mean row, values x100 with one decimal."""
-    return _markdown(*_with_mean(rows))
+def format_markdown(rows: Mapping[str, Mapping[str, float]], title: str = "") -> str:
+    """Markdown table: one row per class plus the mean row, values x100 with one decimal;
+    under a `# title` line when given."""
+    return (f"# {title}\n\n" if title else "") + _markdown(*_with_mean(rows))
 
 
 def format_csv(rows: Mapping[str, Mapping[str, float]]) -> str:
@@ -189,7 +190,8 @@ def format_json(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def write_tables(
-    rows: Mapping[str, Mapping[str, float]], out_dir: str | os.PathLike, stem: str = "metrics"
+    rows: Mapping[str, Mapping[str, float]], out_dir: str | os.PathLike, stem: str = "metrics",
+    title: str = "",
 ) -> dict[str, Path]:
     """Writes `<stem>.md`, `<stem>.csv`, `<stem>.json` into `out_dir` (created if needed).
 
@@ -197,6 +199,7 @@ def write_tables(
       rows: {class name: {metric: value}}, every class with the same metrics, in report order.
       out_dir: output folder.
       stem: file name without extension.
+      title: the Markdown table's heading (none when empty).
 
     Returns:
       {"md": path, "csv": path, "json": path}.
@@ -204,6 +207,8 @@ def write_tables(
     # Validate and render everything first: bad rows write nothing.
     columns, table = _with_mean(rows)
     texts = {ext: render(columns, table) for ext, render in _RENDERERS.items()}
+    if title:
+        texts["md"] = f"# {title}\n\n" + texts["md"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
