@@ -20,12 +20,13 @@ The split is traced for one image and the exported function maps it over the bat
 (`jax.vmap`): every built-in method scores images independently, and what is stored does not
 grow with the batch size.
 
-Classes: the method's per-class inputs are its `host_inputs` under `genclip_jax.load`'s
-adaptation (GenCLIP: the class word's prompt ids, no CNF, as `Model.predict`; WinCLIP: the
-class's text embeddings). What is folded from them is stored once per exported class, stacked,
-and the function takes the class's index. Exported: "" (no class: the method's generic word) and
-`classes` (`--class=a,b`), else the calibration's classes. Any per-class array a method takes
-through `host_inputs` (e.g. a few-shot memory bank) is exported this way with no change here.
+Classes: the per-class inputs are those of `genclip_jax.Model.inference_step`: the method's
+`host_inputs` under the model's adaptation (GenCLIP: the class word's prompt ids, no CNF, as
+`Model.predict`; WinCLIP: the class's text embeddings) and, with `fewshot.k` > 0, the class's
+memory bank of reference patch tokens. What is folded from them is stored once per exported
+class, stacked, and the function takes the class's index. Exported: "" (no class: the method's
+generic word; left out when the model cannot run without a class, e.g. few-shot references of
+several classes) and `classes` (`--class=a,b`), else the calibration's classes.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import pathlib
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
@@ -47,12 +49,13 @@ from jax._src.interpreters import partial_eval as pe  # the partial evaluator gr
 from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 
 import genclip_jax
-from genclip_jax import api, calibrate, files, run_dir, steps, validate
+from genclip_jax import api, calibrate, files, run_dir, validate
 from genclip_jax.data import pipeline
 from genclip_jax.methods import needs_training
 from genclip_jax.serving import FORMAT_VERSION, FUNCTION, MANIFEST, WEIGHTS
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+PER_CLASS = ("batch", "bank")  # the `Model.inference_step` inputs that change by class
 
 # Primitives whose results, when no larger than their operands, are worth storing. Everything
 # else computed from constants (broadcasts, masks, reshapes, elementwise maths) is cheaper to
@@ -83,8 +86,8 @@ class Folded:
     """`fn(known, image)` split by `fold_constants`.
 
     names: the stored arrays: the known leaf's path when one is passed through unchanged, else
-      "folded/N" (a result computed from constants). per_class: whether it depends on
-      `known[per_class_key]` (then it differs by class).
+      "folded/N" (a result computed from constants). per_class: whether it depends on the
+      `per_class_keys` of `known` (then it differs by class).
     constants: known -> (stored arrays where `per_class` is False, those where it is True).
     staged: (*stored arrays in `names` order, image) -> fn's output leaves.
     """
@@ -103,14 +106,14 @@ def _dce(jaxpr: Jaxpr, used: Sequence[bool]) -> Callable:
 
 
 def fold_constants(
-    fn: Callable[[Any, jax.Array], Any], known: Any, image: jax.ShapeDtypeStruct,
-    per_class_key: str,
+    fn: Callable[[Any, jax.Array], Any], known: dict, image: jax.ShapeDtypeStruct,
+    per_class_keys: Collection[str],
 ) -> Folded:
     """Splits `fn(known, image)` into what depends on `image` and what is computed once.
 
     Args:
-      fn: traceable; `known` a dict of arrays (the leaves under `known[per_class_key]` are the
-        ones that change by class), `image` the one unknown input.
+      fn: traceable; `known` a dict of arrays (those under its `per_class_keys` are the ones
+        that change by class), `image` the one unknown input.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(known)
     values = [v for _, v in leaves]
@@ -134,7 +137,7 @@ def fold_constants(
     folded = iter(range(len(known_jaxpr.outvars)))
     names = [paths[inputs[v]] if v in inputs else f"folded/{next(folded)}"
              for v in known_jaxpr.outvars]
-    by_class = [False] * len(closed.consts) + [p[0].key == per_class_key for p, _ in leaves]
+    by_class = [False] * len(closed.consts) + [p[0].key in per_class_keys for p, _ in leaves]
     _, _, per_class, _ = pe.partial_eval_jaxpr_nounits(
         ClosedJaxpr(known_jaxpr, []), by_class, instantiate=False)
     shared_fn = _dce(known_jaxpr, [not c for c in per_class])
@@ -154,11 +157,6 @@ def normalize(images: jax.Array) -> jax.Array:
     return (x - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
 
 
-def _inference(method, known: dict, images: jax.Array) -> dict:
-    return steps.predict(method, known["params"], known["clip_params"], normalize(images),
-                         known["batch"])
-
-
 def load_model(config: ml_collections.ConfigDict, workdir: str | None) -> api.Model:
     """`genclip_jax.load`'s model: `eval.params` (a params export), else the run in `workdir`,
     else the config alone (a method with nothing to train)."""
@@ -171,6 +169,20 @@ def load_model(config: ml_collections.ConfigDict, workdir: str | None) -> api.Mo
         raise ValueError(f"{where}: method {config.method!r} needs a trained run, or "
                          "--config.eval.params=<a params export>")
     return api.load(config=config)
+
+
+def _class_steps(model: api.Model, names: Sequence[str]) -> dict[str, tuple[Callable, dict]]:
+    """{class: `Model.inference_step` for one image}: "" (no class) first, unless the model
+    cannot run without one (few-shot references of several classes), then `names`."""
+    steps = {}
+    try:
+        steps[""] = model.inference_step("", 1)
+    except ValueError as err:
+        if not names:
+            raise ValueError(f"{err}: give the classes to export (--class=a,b)") from err
+        logging.info("no class-less inputs in the artifact: %s", err)
+    steps.update((name, model.inference_step(name, 1)) for name in names)
+    return steps
 
 
 def check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...]:
@@ -271,15 +283,16 @@ def export(
     thresholds = calibrate.load(calibration, config) if calibration else None
     names = list(dict.fromkeys(classes or (thresholds.classes if thresholds else [])))
     validate.check_class_names(names, "--class")
-    names = ["", *names]
 
     model = load_model(config, workdir)
+    by_class = _class_steps(model, names)
+    names = list(by_class)
     size = config.model.image_size
-    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
-    folded = fold_constants(lambda known, x: _inference(model.method, known, x),
-                            model.step_inputs("", 1), image, "batch")
-    shared, _ = folded.constants(model.step_inputs("", 1))
-    per_class = [folded.constants(model.step_inputs(c, 1))[1] for c in names]
+    step, first = by_class[names[0]]
+    folded = fold_constants(lambda known, x: step(known, normalize(x)), first,
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8), PER_CLASS)
+    shared, _ = folded.constants(first)
+    per_class = [folded.constants(inputs)[1] for _, inputs in by_class.values()]
     stacked = [np.stack(arrays) for arrays in zip(*per_class, strict=True)] if per_class[0] else []
     exported = serving_function(folded, shared, stacked,
                                 jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8), platforms)

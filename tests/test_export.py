@@ -239,6 +239,29 @@ def test_genclip_folds_a_set_per_class_and_keeps_the_mvp_text_encoder(base, tmp_
         artifact(images)
 
 
+def test_few_shot_banks_are_exported_per_class(base, data, tmp_path):
+    config = _config("anomalyclip", base).copy_and_resolve_references()
+    config.fewshot.k = 1
+    config.fewshot.reference = str(data)
+    out = export.export(config, None, str(tmp_path / "fs"), batch_size=BATCH,
+                        classes=["disc", "stripes"])
+    artifact = serving.load(out)
+    # references of three classes: images without a class have no bank, so no "" entry
+    assert artifact.classes == ["disc", "stripes"]
+    assert "bank" in artifact.manifest["arguments"]["per_class"]
+    model = genclip_jax.load(config.eval.params, config=config)
+    zero_shot = genclip_jax.load(config.eval.params, config=_config("anomalyclip", base))
+    images = _images(3, seed=4)
+    for cls in ("disc", "stripes"):
+        got = artifact(images, class_name=cls)
+        expected = model.predict(images, class_name=cls)
+        np.testing.assert_allclose(got["anomaly_map"], expected.anomaly_map, atol=1e-5)
+        np.testing.assert_allclose(got["image_score"], expected.image_score, atol=1e-5)
+    assert not np.allclose(got["image_score"], zero_shot.predict(images).image_score, atol=1e-3)
+    with pytest.raises(ValueError, match=r"exported for the classes \['disc', 'stripes'\]"):
+        artifact(images)
+
+
 def test_winclip_zero_shot_exports_from_its_config_alone(base, tmp_path):
     config = _config("winclip", base)
     out = export.export(config, None, str(tmp_path / "wc"), batch_size=BATCH, classes=["disc"])
@@ -279,7 +302,8 @@ def test_fold_constants_stores_what_is_worth_it_and_marks_what_changes_by_class(
     known = {"w": rng.normal(size=(4, 2)).astype(np.float32),
              "u": rng.normal(size=(4, 4)).astype(np.float32),
              "batch": {"v": rng.normal(size=(2, 3)).astype(np.float32)}}
-    folded = export.fold_constants(fn, known, jax.ShapeDtypeStruct((6, 4), jnp.float32), "batch")
+    folded = export.fold_constants(fn, known, jax.ShapeDtypeStruct((6, 4), jnp.float32),
+                                   ("batch",))
     assert sorted(zip(folded.names, folded.per_class, strict=True)) == [
         ("folded/0", True), ("u", False), ("w", False)]
     shared, by_class = folded.constants(known)
