@@ -321,6 +321,6 @@ def export(
     }
     _write(out_dir, weights, exported, manifest)
     print(f"artifact in {out_dir}: {config.method}, {batch} x {size}x{size} uint8 images, "
-          f"platforms {', '.join(platforms)}, classes {names[1:] or 'none'}"
+          f"platforms {', '.join(platforms)}, classes {[n for n in names if n] or 'none'}"
           + (", calibrated" if thresholds else ""))
     return out_dir

@@ -81,7 +81,7 @@ COMMAND_FLAGS = {
     "synthetic": ["out", "seed", "overwrite", "layout"],
     "demo": ["config", "workdir", "profile"],
     "ablate": ["config", "workdir", "sweep", "seeds", "profile"],
-    "benchmark": ["config", "workdir", "source", "targets", "roots", "seeds", "profile"],
+    "benchmark": ["config", "workdir", "source", "targets", "roots", "seeds", "shots", "profile"],
 }
 
 
