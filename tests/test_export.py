@@ -239,12 +239,13 @@ def test_genclip_folds_a_set_per_class_and_keeps_the_mvp_text_encoder(base, tmp_
         artifact(images)
 
 
-def test_few_shot_banks_are_exported_per_class(base, data, tmp_path):
+def test_few_shot_banks_are_exported_per_class(base, data, tmp_path, capsys):
     config = _config("anomalyclip", base).copy_and_resolve_references()
     config.fewshot.k = 1
     config.fewshot.reference = str(data)
     out = export.export(config, None, str(tmp_path / "fs"), batch_size=BATCH,
                         classes=["disc", "stripes"])
+    assert "classes ['disc', 'stripes']" in capsys.readouterr().out
     artifact = serving.load(out)
     # references of three classes: images without a class have no bank, so no "" entry
     assert artifact.classes == ["disc", "stripes"]
