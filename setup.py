@@ -32,6 +32,7 @@ setup(
         "scikit-image>=0.22",
         "pillow>=10",
         "safetensors>=0.4",
+        "flatbuffers>=24",  # jax.export serialisation (genclip-jax export, genclip_jax.serving)
         "tokenizers>=0.15",
         "transformers>=4.40,<6",
         "tensorflow-datasets>=4.9.4,<5",

@@ -21,6 +21,8 @@ _PUBLIC = {
     "load": "genclip_jax.api:load",
     "Model": "genclip_jax.api:Model",
     "Prediction": "genclip_jax.api:Prediction",
+    # Run an exported artifact (`genclip-jax export`) with jax and numpy alone.
+    "serving": "genclip_jax.serving",
     # Methods: the interface, the built-in ones, your own.
     "Method": "genclip_jax.methods:Method",
     "create_method": "genclip_jax.methods:create_method",

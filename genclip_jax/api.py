@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,6 +33,7 @@ from genclip_jax import (
     config_overrides,
     defaults,
     evaluate,
+    fewshot,
     parallel,
     run_dir,
     steps,
@@ -185,6 +187,29 @@ class Model:
                                       batch_axes(feats), feats))
         return jax.tree.map(lambda axis, *xs: np.concatenate(xs, axis), batch_axes(parts[0]),
                             *parts)
+
+    def inference_step(
+        self, class_name: str | None, rows: int
+    ) -> tuple[Callable[[dict, jax.Array], dict], dict[str, Any]]:
+        """(step, inputs): the pure inference `predict` runs on `rows` normalised images of
+        `class_name` (None or "": no class), `step(inputs, images) -> {"anomaly_map",
+        "image_score"}`, and everything it takes besides the images, as numpy: "params",
+        "clip_params", "batch" (the method's `host_inputs` under this model's adaptation, and
+        `valid`) and, with few-shot references, the class's memory "bank". `genclip-jax export`
+        folds the inputs into constants ("batch" and "bank" change by class)."""
+        m = self._inference
+        name = class_name or ""
+        host = {"valid": np.ones(rows, bool), "cls_name": np.array([name] * rows, object)}
+        inputs = {"params": jax.device_get(m.params), "clip_params": jax.device_get(m.clip_params),
+                  "batch": {**self.method.host_inputs(host, self._adaptation(class_name)),
+                            "valid": host["valid"]}}
+        if m.references is None:
+            return (lambda k, images: steps.predict(m.method, k["params"], k["clip_params"],
+                                                    images, k["batch"])), inputs
+        inputs["bank"] = jax.device_get(m.references.bank(name, keep_others=True))
+        spec = m.references.spec
+        return (lambda k, images: fewshot.predict(m.method, spec, k["params"], k["clip_params"],
+                                                  images, k["batch"], k["bank"])), inputs
 
     def text_features(self, class_name: str | None = None) -> np.ndarray:
         """(2, D) [normal, abnormal] text features of the learned prompts (for `class_name`

@@ -53,6 +53,13 @@ COMMANDS = {
         "genclip-jax predict --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
         "--images=/data/new_parts --out=runs/ac_visa/new_parts",
     ),
+    "export": Command(
+        "a self-contained inference artifact (jax.export + safetensors) for genclip_jax.serving",
+        ("config", "workdir", "out", "batch-size", "platforms", "class", "calibration",
+         "overwrite"),
+        "genclip-jax export --config=configs/anomalyclip.py:visa --workdir=runs/ac_visa "
+        "--out=artifacts/ac_visa --platforms=cpu,cuda",
+    ),
     "convert": Command(
         "`convert METHOD`: official checkpoint -> params export (eval.params)",
         ("pth", "out", "overwrite"),
@@ -105,13 +112,15 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tables, 
 flags.DEFINE_string("images", None, "predict: a folder of images (recursive) or one image.")
 flags.DEFINE_string(
     "calibration", None,
-    "predict: thresholds from `genclip-jax calibrate`, default RUN/calibration.json if present.",
+    "predict, export: thresholds from `genclip-jax calibrate`, default RUN/calibration.json if "
+    "present.",
 )
 flags.DEFINE_string(
     "class", None,
     "predict: the product class of every image (default: an image's first subfolder under "
     "--images; none for images directly in it): picks the class's thresholds, and the class "
-    "name for methods that use it (GenCLIP).",
+    "name for methods that use it (GenCLIP). export: the classes to export, comma-separated "
+    "(default: the calibration's).",
 )
 flags.DEFINE_enum(
     "format", "csv", ["csv", "jsonl"],
@@ -132,9 +141,18 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "out", None,
     "eval: output folder, default RUN/eval/<name of the test root>; calibrate: the calibration "
-    "file, default RUN/calibration.json; predict: output folder, "
-    "default RUN/predict; convert: the params export folder; make-meta: the meta.json to write, "
+    "file, default RUN/calibration.json; predict: output folder, default RUN/predict; convert: "
+    "the params export folder; export: the artifact folder; make-meta: the meta.json to write, "
     "default ROOT/meta.json; synthetic: the dataset folder.",
+)
+flags.DEFINE_integer(
+    "batch-size", None,
+    "export: the artifact's fixed batch (default: eval.batch_size); serving pads or splits.",
+)
+flags.DEFINE_list(
+    "platforms", None,
+    "export: platforms to lower for, of cpu, cuda, rocm, tpu (default: this machine's); no "
+    "device of that platform is needed to export.",
 )
 flags.DEFINE_string("pth", None, "convert: the official checkpoint (.pth).")
 flags.DEFINE_string(
@@ -155,7 +173,8 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool(
     "overwrite", False,
-    "convert: replace an existing output directory; make-meta: replace an existing meta.json; "
+    "convert: replace an existing output directory; export: replace an existing artifact; "
+    "make-meta: replace an existing meta.json; "
     "calibrate: replace an existing calibration file; "
     "synthetic: write into a non-empty folder.",
 )
@@ -253,6 +272,16 @@ def _predict() -> None:
         _config(), FLAGS.workdir, FLAGS.images, FLAGS.out, calibration=FLAGS.calibration,
         class_name=FLAGS["class"].value, output_format=FLAGS.format,
     ))
+
+
+def _export() -> None:
+    from genclip_jax import export
+
+    _require("out")
+    classes = FLAGS["class"].value
+    export.export(_config(), FLAGS.workdir, FLAGS.out, batch_size=FLAGS["batch-size"].value,
+                  platforms=FLAGS.platforms, calibration=FLAGS.calibration,
+                  classes=classes.split(",") if classes else None, overwrite=FLAGS.overwrite)
 
 
 def _convert(args: list[str]) -> None:
@@ -411,7 +440,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _run_command(argv: list[str]) -> None:
     args = argv[1:]
     handlers = {"train": _train, "eval": _eval, "calibrate": _calibrate, "predict": _predict,
-                "make-meta": _make_meta,
+                "export": _export, "make-meta": _make_meta,
                 "synthetic": _synthetic, "demo": _demo, "ablate": _ablate,
                 "benchmark": _benchmark}
     if _command != "convert" and args:
