@@ -98,7 +98,7 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
     assert [c.split()[1] for c in commands] == ["calibrate", "predict", "predict"]
     _run(commands, {"/tmp/genclip_try": str(root)})
     calibration = json.loads((run / "calibration.json").read_text())
-    threshold = calibration["classes"]["disc"]["image_threshold"]
+    threshold = threshold_zero = calibration["classes"]["disc"]["image_threshold"]
     with (root / "decisions" / "scores.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows and all(r["class"] == "disc" for r in rows)
@@ -127,6 +127,27 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
     assert [r["image_score"] for r in few_rows] != [r["image_score"] for r in rows]
     for r in few_rows:
         assert r["decision"] == ("anomalous" if float(r["image_score"]) >= threshold else "normal")
+
+    # Export, then serve: the artifact decides like predict did with the run's calibration.
+    commands = _block_after("<!-- tests/test_readme.py runs this export block")
+    assert [c.split()[1] for c in commands] == ["export"]
+    _run(commands, {"/tmp/genclip_try": str(root)})
+    manifest = json.loads((root / "artifact" / "manifest.json").read_text())
+    assert manifest["batch_size"] == 4 and "disc" in manifest["classes"]
+    assert manifest["calibration"]["classes"]["disc"]["image_threshold"] == threshold_zero
+    start = README.index("<!-- tests/test_readme.py runs this serving example")
+    code = re.compile(r"```python\n(.*?)```", re.DOTALL).search(README, start)[1]
+    result = subprocess.run([sys.executable, "-c", code.replace("/tmp/genclip_try", str(root))],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    decided = {r["image"]: r for r in rows}
+    assert served.keys() == decided.keys()
+    for name, line in served.items():
+        score, decision = line.split()
+        assert float(score) == pytest.approx(float(decided[name]["image_score"]), abs=2e-5)
+        assert decision == decided[name]["decision"]
 
     # The papers' protocol on the same two sets: one table row per target, mean ± std.
     commands = _block_after("<!-- tests/test_readme.py runs this block after the whole-path")
