@@ -5,13 +5,14 @@ tables and heatmaps) over N test images of K classes at image size S, with synth
 of the model's (random smooth maps made on device from each image's index: the backbone's time is
 not what this measures). The images are the synthetic set's, listed under K class names in a
 meta.json of their own. A first evaluation of `--warmup-batches` classes of one batch each (it
-holds one batch of maps at a time) compiles every program and brings the input pipeline to its
-steady state (the prefetched batches, the one decoding, the one on device, the allocator arenas of
-those threads: O(batch), reached only after a few batches). One JSON line: `baseline_rss_bytes`
-(the peak RSS after that, before the evaluation starts), `peak_rss_bytes` (the peak after it),
-`dataset_map_bytes` (N x S x S x 4) and `largest_class_map_bytes`. `--mode whole` measures the
-former path (every map of the set held, then the metrics) for comparison. Target: at 600 images, 4
-classes, 518, the growth stays under half of `dataset_map_bytes`.
+holds one batch of maps at a time; each batch held 0.5 s, as long as a backbone would take)
+compiles every program and brings the input pipeline to its steady state (the prefetched batches,
+the one decoding, the one on device, the allocator arenas of those threads: O(batch), reached only
+after a few batches). One JSON line: `baseline_rss_bytes` (the peak RSS after that, before the
+evaluation starts), `peak_rss_bytes` (the peak after it), `dataset_map_bytes` (N x S x S x 4) and
+`largest_class_map_bytes`. `--mode whole` measures the former path (every map of the set held, then
+the metrics) for comparison. Target: at 600 images, 4 classes, 518, the growth stays under half of
+`dataset_map_bytes`.
 
     python benchmarks/eval_memory.py --images 600 --classes 4 --image-size 518 [--mode whole]
         [--metric-size 256] [--warmup-batches 6]
@@ -25,6 +26,7 @@ import json
 import pathlib
 import resource
 import tempfile
+import time
 
 import jax
 
@@ -45,10 +47,19 @@ def _synthetic_maps(params, clip_params, images, batch):
     return {"anomaly_map": maps, "image_score": maps.max(axis=(1, 2))}
 
 
-def _with_synthetic_maps(load_model):
+def _with_synthetic_maps(load_model, seconds_per_batch: float):
+    """`load_model` with the synthetic maps, each batch taking at least `seconds_per_batch`: as
+    slow as a backbone, so that the input pipeline's prefetch queue fills as it does in a real
+    evaluation (the synthetic maps alone are faster than decoding)."""
+    predict = jax.jit(_synthetic_maps)
+
+    def slow_predict(*args):
+        time.sleep(seconds_per_batch)
+        return predict(*args)
+
     def load(*args, **kwargs):
         return dataclasses.replace(load_model(*args, **kwargs),
-                                   predict=jax.jit(_synthetic_maps))
+                                   predict=slow_predict if seconds_per_batch else predict)
     return load
 
 
@@ -84,9 +95,11 @@ def main() -> None:
         config.train.progress = False
         params = create_method(config, CLIPConfig(**config.model.random_arch.to_dict())).init(
             jax.random.PRNGKey(0))
-        evaluate.load_model = _with_synthetic_maps(evaluate.load_model)
+        load_model = evaluate.load_model
+        evaluate.load_model = _with_synthetic_maps(load_model, 0.5)
         _meta(root, files, args.warmup_batches * args.batch_size, args.warmup_batches)
         evaluate.evaluate(config, "", params, out=str(pathlib.Path(tmp) / "warm"))
+        evaluate.load_model = _with_synthetic_maps(load_model, 0.0)
         _meta(root, files, args.images, args.classes)
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if args.mode == "stream":
