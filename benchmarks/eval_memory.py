@@ -1,18 +1,21 @@
 """Host memory of `genclip-jax eval`: peak RSS growth against the size of the set's maps.
 
 Runs the real evaluation path (`evaluate.evaluate`: decode, gather, streaming per-class metrics,
-tables and heatmaps) over N test images of K classes at image size S, with synthetic maps in
-place of the model's (random smooth maps made on device from each image's index: the backbone's
-time is not what this measures). The images are the synthetic set's, listed under K class names
-in a meta.json of their own. A first evaluation of one batch compiles every program and reaches
-one batch's working memory. One JSON line: `baseline_rss_bytes` (the peak RSS after that, before
-the evaluation starts), `peak_rss_bytes` (the peak after it), `dataset_map_bytes`
-(N x S x S x 4) and `largest_class_map_bytes`. `--mode whole` measures the former path (every
-map of the set held, then the metrics) for comparison. Target: at 600 images, 4 classes, 518,
-the growth stays under half of `dataset_map_bytes`.
+tables and heatmaps) over N test images of K classes at image size S, with synthetic maps in place
+of the model's (random smooth maps made on device from each image's index: the backbone's time is
+not what this measures). The images are the synthetic set's, listed under K class names in a
+meta.json of their own. A first evaluation of `--warmup-batches` classes of one batch each (it
+holds one batch of maps at a time; each batch held 0.5 s, as long as a backbone would take)
+compiles every program and brings the input pipeline to its steady state (the prefetched batches,
+the one decoding, the one on device, the allocator arenas of those threads: O(batch), reached only
+after a few batches). One JSON line: `baseline_rss_bytes` (the peak RSS after that, before the
+evaluation starts), `peak_rss_bytes` (the peak after it), `dataset_map_bytes` (N x S x S x 4) and
+`largest_class_map_bytes`. `--mode whole` measures the former path (every map of the set held, then
+the metrics) for comparison. Target: at 600 images, 4 classes, 518, the growth stays under half of
+`dataset_map_bytes`.
 
     python benchmarks/eval_memory.py --images 600 --classes 4 --image-size 518 [--mode whole]
-        [--metric-size 256]
+        [--metric-size 256] [--warmup-batches 6]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import pathlib
 import resource
 import tempfile
+import time
 
 import jax
 
@@ -43,10 +47,22 @@ def _synthetic_maps(params, clip_params, images, batch):
     return {"anomaly_map": maps, "image_score": maps.max(axis=(1, 2))}
 
 
-def _with_synthetic_maps(load_model):
+_PREDICT = jax.jit(_synthetic_maps)
+
+
+def _with_synthetic_maps(load_model, seconds_per_batch: float):
+    """`load_model` with the synthetic maps, each batch taking at least `seconds_per_batch`: as
+    slow as a backbone, so that the input pipeline's prefetch queue fills as it does in a real
+    evaluation (the synthetic maps alone are faster than decoding)."""
+    predict = _PREDICT
+
+    def slow_predict(*args):
+        time.sleep(seconds_per_batch)
+        return predict(*args)
+
     def load(*args, **kwargs):
         return dataclasses.replace(load_model(*args, **kwargs),
-                                   predict=jax.jit(_synthetic_maps))
+                                   predict=slow_predict if seconds_per_batch else predict)
     return load
 
 
@@ -66,6 +82,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mode", choices=("stream", "whole"), default="stream")
     parser.add_argument("--metric-size", type=int, default=0, help="eval.metric_size (stream)")
+    parser.add_argument("--warmup-batches", type=int, default=6,
+                        help="batches of the warm-up evaluation (1: compiling only)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp) / "set"
@@ -80,9 +98,11 @@ def main() -> None:
         config.train.progress = False
         params = create_method(config, CLIPConfig(**config.model.random_arch.to_dict())).init(
             jax.random.PRNGKey(0))
-        evaluate.load_model = _with_synthetic_maps(evaluate.load_model)
-        _meta(root, files, args.batch_size, 1)  # warm-up: one batch compiles everything
+        load_model = evaluate.load_model
+        evaluate.load_model = _with_synthetic_maps(load_model, 0.5)
+        _meta(root, files, args.warmup_batches * args.batch_size, args.warmup_batches)
         evaluate.evaluate(config, "", params, out=str(pathlib.Path(tmp) / "warm"))
+        evaluate.load_model = _with_synthetic_maps(load_model, 0.0)
         _meta(root, files, args.images, args.classes)
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if args.mode == "stream":
@@ -99,6 +119,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "eval_memory", "mode": args.mode, "images": n, "classes": args.classes,
         "image_size": args.image_size, "batch_size": args.batch_size,
+        "warmup_batches": args.warmup_batches,
         "metric_size": args.metric_size or args.image_size,
         "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
         "growth_bytes": peak - baseline, "dataset_map_bytes": n * map_bytes,

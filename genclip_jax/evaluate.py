@@ -296,9 +296,10 @@ def _resized(values: np.ndarray, size: int, resample: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class ClassResults:
-    """One class's predictions, complete: `results` as `predict_dataset` holds them (maps and
-    masks at `eval.metric_size` when set), `indices` their dataset indices, `shown` the
-    model-size (map, GT mask of a defect or None) of the first `heatmaps_per_class` images."""
+    """One class's predictions, complete: `results` as `predict_dataset` holds them but masks
+    boolean (what the metrics take without a copy; maps and masks at `eval.metric_size` when
+    set), `indices` their dataset indices, `shown` the model-size (map, GT mask of a defect or
+    None) of the first `heatmaps_per_class` images (copies: they keep no batch alive)."""
 
     name: str
     indices: np.ndarray
@@ -340,7 +341,7 @@ def stream_classes(
                 open_classes[cls] = ClassResults(cls, classes[cls], {
                     "anomaly_map": np.zeros((n, size, size), np.float32),
                     "image_score": np.zeros((n,), np.float32),
-                    "mask": np.zeros((n, size, size), np.uint8),
+                    "mask": np.zeros((n, size, size), bool),
                     "label": np.zeros((n,), np.int32),
                     "has_mask": np.zeros((n,), bool),
                 }, {})
@@ -348,7 +349,7 @@ def stream_classes(
             j = position[i]
             anomaly_map, mask = rows["anomaly_map"][r], rows["mask"][r].astype(np.uint8)
             if j < config.eval.heatmaps_per_class:
-                current.shown[i] = (anomaly_map, mask if rows["label"][r] else None)
+                current.shown[i] = (anomaly_map.copy(), mask if rows["label"][r] else None)
             if size != model_size:
                 anomaly_map = _resized(anomaly_map, size, Image.BILINEAR)
                 mask = _resized(mask, size, Image.NEAREST)
@@ -494,6 +495,7 @@ def evaluate(
             continue
         rows[item.name] = class_row(item.results, config, item.name)
         shown.update(item.shown)
+        del item  # else its maps stay alive while the next class fills
     rows = drop_counts_unless_needed(rows)
     write_results(config, model, target, rows, shown, value_range)
     return rows

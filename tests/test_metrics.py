@@ -284,6 +284,25 @@ def test_reference_aupro_values_exactly_on_thresholds():
     assert abs(pixel_aupro(maps, masks) - value) < 1e-12
 
 
+def test_reference_curve_image_by_image_equals_the_whole_stack(monkeypatch):
+    """The reference mode labels and counts one anomalous image at a time, in small chunks: the
+    curve is bit for bit the one of the whole stack labelled and binned at once (the region
+    order too: the PRO is a float mean over regions)."""
+    monkeypatch.setattr(aupro_module, "_CHUNK_PIXELS", 1000)  # several chunks
+    maps, masks = _blob_data(4, n=7, size=40)
+    maps = np.round(maps * 8) / 8  # ties, some on thresholds
+    masks[5] = 0  # a normal image between anomalous ones
+    curve = reference_pro_curve(maps, masks)
+    k = curve.thresholds.size
+    bins = np.searchsorted(curve.thresholds, maps.astype(np.float64), side="left")  # #t < v
+    labels, n_regions = aupro_module.label_regions(masks.astype(bool))
+    hist = np.stack([np.bincount(bins[labels == r], minlength=k + 1)
+                     for r in range(n_regions + 1)])
+    above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    np.testing.assert_array_equal(curve.fpr, above[0] / hist[0].sum())
+    np.testing.assert_array_equal(curve.pro, (above[1:] / hist[1:].sum(1)[:, None]).mean(0))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("max_fpr", [0.3, 0.05, 1.0])
 def test_exact_aupro_matches_naive(seed, max_fpr):

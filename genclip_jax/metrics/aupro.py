@@ -36,8 +36,8 @@ AUPRO_MODES = ("reference", "exact")
 # 8-connectivity inside each image, no connectivity across the image axis of an (N, H, W) stack.
 _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE[1] = True
-# Pixels per chunk in the reference mode (bounds the float64/intp temporaries to ~50 MB).
-_CHUNK_PIXELS = 1 << 21
+# Pixels per chunk in the reference mode (bounds its float/intp temporaries to ~5 MB).
+_CHUNK_PIXELS = 1 << 18
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -164,16 +164,17 @@ def _reference_pro_curve(maps: np.ndarray, masks: np.ndarray, max_steps: int) ->
     all_hist = np.zeros(k + 1, np.int64)
     for start in range(0, flat_maps.size, _CHUNK_PIXELS):
         all_hist += np.bincount(bins_of(flat_maps[start : start + _CHUNK_PIXELS]), minlength=k + 1)
-    # Anomalous pixels: label regions of the anomalous images only, histogram per region.
-    # Pixels of `masks[with_anomaly]` with label > 0 come in the same (row-major) order as
-    # `np.flatnonzero(masks)`.
-    with_anomaly = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1))
-    labels, n_regions = label_regions(masks[with_anomaly])
-    region_of = labels[labels > 0].astype(np.intp) - 1
-    region_bins = bins_of(flat_maps[np.flatnonzero(masks)])
-    region_hist = np.bincount(
-        region_of * (k + 1) + region_bins, minlength=n_regions * (k + 1)
-    ).reshape(n_regions, k + 1)
+    # Anomalous pixels, one image at a time (temporaries of one image): a histogram per region,
+    # regions in the order `label_regions` numbers them over the stack.
+    region_hists = []
+    for image in np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1)):
+        inside = masks[image]
+        labels, n_regions = ndimage.label(inside, structure=_STRUCTURE[1])
+        region_of = labels[inside].astype(np.intp) - 1
+        region_hists.append(np.bincount(
+            region_of * (k + 1) + bins_of(maps[image][inside]), minlength=n_regions * (k + 1)
+        ).reshape(n_regions, k + 1))
+    region_hist = np.concatenate(region_hists)
     normal_hist = all_hist - region_hist.sum(axis=0)
     n_normal = int(normal_hist.sum())
     area = region_hist.sum(axis=1)

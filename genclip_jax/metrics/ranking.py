@@ -4,7 +4,8 @@ All three metrics only need, for every distinct score `v` of a positive sample, 
 positives score `v` and how many negatives score below / exactly at `v` (`RankStatistics`).
 They come from sorting the positives and locating the negatives among them: by a plain sort
 of the negatives, or, for many samples (pixels), by monotone value buckets where only the
-negatives sharing a bucket with a positive get sorted (no argsort in either case).
+negatives sharing a bucket with a positive are searched among the positives (no argsort in
+either case; the bucketed path copies nothing of the input's size).
 
 The values equal scikit-learn's on the same inputs, ties included:
 * AUROC = `roc_auc_score`: the trapezoid over distinct thresholds equals the Mann-Whitney
@@ -89,8 +90,9 @@ def _negatives_by_buckets(
     `n_buckets` buckets. A negative in a bucket without any positive compares to every positive
     v exactly as its bucket does (x < v <=> b(x) < b(v)), so counting it per segment between
     consecutive positive-holding buckets is enough; only the negatives sharing a bucket with some
-    positive (typically a few percent) are sorted. Works in cache-sized chunks with reused
-    buffers (no full-size temporaries).
+    positive (typically a few percent) are located among the positives by binary search, chunk by
+    chunk, and counted: nothing of the input's size is copied or held (cache-sized chunks with
+    reused buffers), so the metrics of a class need little beyond its maps.
     """
     lo, hi = float(flat.min()), float(flat.max())
     scale = (n_buckets - 1) / (hi - lo) if hi > lo else float("inf")
@@ -117,7 +119,10 @@ def _negatives_by_buckets(
     colliding_mark = n_segments  # marks the buckets holding positives
     segment[shared] = colliding_mark
     counts = np.zeros(n_segments + 1, np.int64)
-    parts = []
+    # Colliding negatives x, by the index of the first value above x (x < values[j] from there
+    # on) and by the index of a value equal to x.
+    first_above = np.zeros(values.size + 1, np.int64)
+    equal = np.zeros(values.size, np.int64)
     chunk = min(_CHUNK, flat.size)
     work = np.empty(chunk, flat.dtype)
     buckets = np.empty(chunk, np.intp)
@@ -129,14 +134,16 @@ def _negatives_by_buckets(
         counts += np.bincount(seg, minlength=n_segments + 1)
         colliding = seg == colliding_mark
         colliding &= ~positive[start : start + chunk]
-        parts.append(x[colliding])
-    negatives = np.concatenate(parts)  # the negatives that need an exact comparison
-    negatives.sort()
+        negatives = x[colliding]  # the few that need an exact comparison
+        negatives.sort()  # sorted keys: a faster search
+        at = np.searchsorted(values, negatives, side="left")  # first value >= x
+        tie = values.take(at, mode="clip") == negatives
+        equal += np.bincount(at[tie], minlength=values.size)
+        at += tie  # first value > x
+        first_above += np.bincount(at, minlength=values.size + 1)
     below_segment = np.cumsum(counts[:n_segments]) - counts[:n_segments]
-    left = np.searchsorted(negatives, values, side="left")
-    right = np.searchsorted(negatives, values, side="right")
-    below = below_segment[value_segments] + left
-    return below.astype(np.int64), (right - left).astype(np.int64)
+    below = below_segment[value_segments] + np.cumsum(first_above[:-1])
+    return below.astype(np.int64), equal
 
 
 def rank_statistics(
