@@ -42,11 +42,15 @@ class AnomalyCLIP(ConfigKeyed):
         self.clip_config = clip_config
         self.text_width = clip_config.text_width
         self.patch_layers = tuple(self.cfg.features_list)
-        self.map_sigma = float(self.cfg.sigma)  # the maps' blur (the few-shot map's too)
         self.hidden_layers: tuple[int, ...] = ()
         self.token_ids = jnp.asarray(
             prompts.template_ids(self.prompt_cfg, clip_config.context_length)
         )
+
+    @property
+    def map_sigma(self) -> float:
+        """The maps' blur (the few-shot add-on blurs its map alike)."""
+        return float(self.cfg.sigma)
 
     def init(self, rng: jax.Array) -> dict:
         return prompts.init(rng, self.prompt_cfg, self.text_width)

@@ -45,7 +45,6 @@ class GenCLIP(ConfigKeyed):
         self.clip = CLIP(clip_config)
         self.clip_config = clip_config
         self.patch_layers = tuple(self.cfg.layers)
-        self.map_sigma = float(self.cfg.sigma)  # the maps' blur (the few-shot map's too)
         self.hidden_layers = tuple(self.cfg.layers)
         if self.cfg.image_score not in IMAGE_SCORES:
             raise ValueError(
@@ -68,6 +67,11 @@ class GenCLIP(ConfigKeyed):
 
     def _ids(self, word: str) -> np.ndarray:
         return prompts.class_token_ids(self.cfg, word, self.clip_config.context_length)
+
+    @property
+    def map_sigma(self) -> float:
+        """The maps' blur (the few-shot add-on blurs its map alike)."""
+        return float(self.cfg.sigma)
 
     def init(self, rng: jax.Array) -> dict:
         c = self.clip_config
