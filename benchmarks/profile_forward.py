@@ -56,23 +56,23 @@ def _opcodes(line: str, comps: dict[str, list[str]]) -> set[str]:
 def classify_ops(hlo: str) -> dict[str, str]:
     """Instruction name -> "part: kind"; part from its source (`attn` = the attention core:
     scores, softmax, A V), kind = matmul (holds a dot or convolution), layout (copies,
-    transposes, slices only) or elementwise (the rest: exp, reductions, adds)."""
+    transposes, slices only) or elementwise (the rest: exp, reductions, adds). Loops and
+    conditionals are left out: their bodies' ops are timed on their own."""
     comps = _computations(hlo)
-    entry = next(name for name in comps if hlo.find("ENTRY %" + name) >= 0
-                 or hlo.find("ENTRY " + name) >= 0)
     result = {}
-    for line in comps[entry]:
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-        if not m:
-            continue
-        source = re.search(r'op_name="([^"]*)"', line)
-        source = source.group(1) if source else ""
-        part = next((p for p in PARTS if f"/{p}/" in source or source.endswith(f"/{p}")),
-                    "other")
-        ops = _opcodes(line, comps)
-        kind = ("matmul" if ops & {"dot", "convolution"} else
-                "layout" if ops <= LAYOUT_ONLY else "elementwise")
-        result[m.group(1)] = f"{part}: {kind}"
+    for lines in comps.values():
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+            if not m or m.group(2) in ("while", "conditional", "call"):
+                continue
+            source = re.search(r'op_name="([^"]*)"', line)
+            source = source.group(1) if source else ""
+            part = next((p for p in PARTS if f"/{p}/" in source or source.endswith(f"/{p}")),
+                        "other")
+            ops = _opcodes(line, comps)
+            kind = ("matmul" if ops & {"dot", "convolution"} else
+                    "layout" if ops <= LAYOUT_ONLY else "elementwise")
+            result[m.group(1)] = f"{part}: {kind}"
     return result
 
 

@@ -113,15 +113,18 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, *, is_causal: bool = False, with_vv: bool = False
+        self, x: jax.Array, *, is_causal: bool = False, with_vv: bool = False,
+        cls_only: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Returns (vanilla output, V-V output or None); x is (B, N, width)."""
+        """Returns (vanilla output, V-V output or None); x is (B, N, width). With `cls_only` the
+        vanilla output is (B, 1, width): only the first query attends (its row is unchanged)."""
         b, n, _ = x.shape
         head_dim = self.width // self.heads
         qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="in_proj")(x)
         q, k, v = jnp.split(qkv.reshape(b, n, 3 * self.heads, head_dim), 3, axis=2)
         out_proj = nn.Dense(self.width, dtype=self.dtype, name="out_proj")
-        vanilla = out_proj(multi_head_attention(q, k, v, is_causal=is_causal).reshape(b, n, -1))
+        vanilla = multi_head_attention(q[:, :1] if cls_only else q, k, v, is_causal=is_causal)
+        vanilla = out_proj(vanilla.reshape(b, vanilla.shape[1], -1))
         if not with_vv:
             return vanilla, None
         vv = out_proj(multi_head_attention(v, v, v).reshape(b, n, -1))
@@ -144,19 +147,22 @@ class ResidualBlock(nn.Module):
         *,
         is_causal: bool = False,
         dual: bool = False,
+        cls_only: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Args: x (B, N, C) vanilla stream; x_vv (B, N, C) V-V stream or None.
 
         In dual mode the V-V stream gets only the V-V attention output (no MLP, no ln_2), and
         starts from the vanilla input when `x_vv` is None (the first DPAM block). Attention input
-        is always ln_1 of the vanilla stream (AnomalyCLIP spec section 2.4).
+        is always ln_1 of the vanilla stream (AnomalyCLIP spec section 2.4). `cls_only`: the
+        caller needs only the first (CLS) row of the vanilla output, returned as (B, 1, C); the
+        V-V stream stays whole. Saves the last block's MLP and vanilla attention over patches.
         """
         attn_out, vv_out = Attention(self.width, self.heads, dtype=self.dtype, name="attn")(
-            LayerNorm(name="ln_1")(x), is_causal=is_causal, with_vv=dual
+            LayerNorm(name="ln_1")(x), is_causal=is_causal, with_vv=dual, cls_only=cls_only
         )
         if dual:
             x_vv = (x if x_vv is None else x_vv) + vv_out
-        x = x + attn_out
+        x = (x[:, :1] if cls_only else x) + attn_out
         mlp = MLP(self.width, dtype=self.dtype, activation=self.activation, name="mlp")
         x = x + mlp(LayerNorm(name="ln_2")(x))
         return x, x_vv

@@ -1,4 +1,5 @@
-"""The CPU fast path of CLIP attention (one head at a time) gives the batched form's numbers."""
+"""The vision forward's fast paths give the numbers of the plain forms: attention one head at a
+time on CPU, and the last block computed for the CLS row only when nothing reads the rest."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ from fixture_models import assert_close, fixture_method
 from fixtures import load_fixture, load_sidecar, parametrize_fixtures
 
 from genclip_jax.clip import transformer
-from genclip_jax.clip.model import CLIP
+from genclip_jax.clip.model import CLIP, CLIPConfig, init_params
 
 
 def _qkv(b: int, n: int, h: int, d: int):
@@ -50,3 +51,32 @@ def test_per_head_vision_forward_matches_the_reference(monkeypatch, fixture_path
                                                                  ref["input.images_nhwc"])
         assert_close(out.global_feature, ref["out.global_image_feature"], "global feature")
         assert_close(out.patch_tokens, ref[f"out.{key}.patch_tokens"], f"{key} patch tokens")
+
+
+TINY = CLIPConfig(embed_dim=16, image_resolution=56, vision_layers=4, vision_width=32,
+                  vision_heads=2, vision_patch_size=14, context_length=8, vocab_size=64,
+                  text_width=32, text_heads=2, text_layers=1, dpam_start=2)
+
+
+def _encode(config: CLIPConfig, hidden_layers: tuple[int, ...]):
+    """(features, compiled FLOPs) of taps (2, 4) on a 56x56 image."""
+    params = init_params(config)
+    images = jax.random.normal(jax.random.PRNGKey(5), (2, 56, 56, 3))
+    fn = jax.jit(lambda p, x: CLIP(config).apply(
+        {"params": p}, x, (2, 4), hidden_layers, method=CLIP.encode_image))
+    flops = fn.lower(params, images).compile().cost_analysis()["flops"]
+    return fn(params, images), flops
+
+
+@pytest.mark.parametrize("global_mode", ["cls_no_ln_post", "clip"])
+def test_last_block_for_the_cls_row_only(global_mode):
+    """A hidden mean of layer 4 reads the whole vanilla output, so that forward computes the
+    full last block: same features, and at least the last MLP's FLOPs on the 2 x 16 patch rows
+    more (two 32x128 matmuls)."""
+    config = TINY.replace(global_mode=global_mode)
+    trimmed, trimmed_flops = _encode(config, ())
+    full, full_flops = _encode(config, (4,))
+    np.testing.assert_allclose(trimmed.global_feature, full.global_feature, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(trimmed.patch_tokens, full.patch_tokens)
+    assert float(jnp.abs(trimmed.global_feature).max()) > 0.1
+    assert full_flops - trimmed_flops >= 2 * 2 * (2 * 16) * 32 * 128
