@@ -25,7 +25,7 @@ def test_per_head_attention_equals_batched(monkeypatch, is_causal):
     monkeypatch.setattr(transformer, "PER_HEAD_MIN_SCORE_BYTES", 0)
     per_head = jax.jit(lambda q, k, v: transformer.multi_head_attention(
         q, k, v, is_causal=is_causal))(q, k, v)
-    # Same ops per head; only the dot kernels' summation order may differ.
+    # Same formula per head; only the summation order may differ.
     np.testing.assert_allclose(np.asarray(per_head), np.asarray(batched), rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(batched).max()) > 0.1
 
