@@ -249,7 +249,9 @@ def test_mvp_source_vv_differs_from_vanilla():
     f_vanilla = vanilla.encode_images(clip_params, images)
     f_vv = vv.encode_images(clip_params, images)
     np.testing.assert_array_equal(f_vanilla.patch_tokens, f_vv.patch_tokens)
-    np.testing.assert_array_equal(f_vanilla.global_feature, f_vv.global_feature)
+    # Reading the vanilla stream at the last layer makes that forward compute the whole last
+    # block, the other only its CLS row: the same sums in another order.
+    np.testing.assert_allclose(f_vanilla.global_feature, f_vv.global_feature, rtol=1e-6, atol=1e-6)
     per_layer = jnp.abs(f_vanilla.hidden_mean - f_vv.hidden_mean).max(axis=(1, 2))
     assert float(per_layer.min()) > 1e-4  # every tapped layer (all >= dpam_start) differs
 

@@ -176,13 +176,17 @@ class VisionTransformer(nn.Module):
         if hidden_stream not in HIDDEN_STREAMS:
             raise ValueError(f"hidden_stream: expected 'vanilla' or 'vv', got {hidden_stream!r}")
         x = self.ln_pre(self.embed(images))
-        b = x.shape[0]
+        b, n_tokens = x.shape[:2]
 
         taps, hidden = {}, {}
         x_vv = None
         for layer, block in enumerate(self.resblocks, start=1):
             dual = 0 < self.dpam_start <= layer
-            x, x_vv = block(x, x_vv, dual=dual)
+            vanilla_read = ((layer in patch_layers and not dual)
+                            or (layer in hidden_layers and not (dual and hidden_stream == "vv")))
+            # After the last block only the vanilla CLS row is read unless a tap reads it whole.
+            x, x_vv = block(x, x_vv, dual=dual,
+                            cls_only=layer == self.layers and not vanilla_read)
             if layer in patch_layers:
                 taps[layer] = x_vv if dual else x
             if layer in hidden_layers:
@@ -195,7 +199,7 @@ class VisionTransformer(nn.Module):
             patch_tokens = jnp.stack([self._project(self.ln_post(taps[layer]))
                                       for layer in patch_layers])
         else:
-            patch_tokens = jnp.zeros((0, b, x.shape[1], self.output_dim), x.dtype)
+            patch_tokens = jnp.zeros((0, b, n_tokens, self.output_dim), x.dtype)
         if hidden_layers:
             hidden_mean = jnp.stack([hidden[layer] for layer in hidden_layers])
         else:
@@ -207,8 +211,8 @@ class VisionTransformer(nn.Module):
     def _cls_embedding(self, tokens: jax.Array) -> jax.Array:
         """(N, T, width) tokens before ln_pre -> (N, D) `ln_post(CLS out) @ proj` (vanilla)."""
         x = self.ln_pre(tokens)
-        for block in self.resblocks:
-            x, _ = block(x)
+        for layer, block in enumerate(self.resblocks, start=1):
+            x, _ = block(x, cls_only=layer == self.layers)
         return self._project(self.ln_post(x[:, 0]))
 
     def window_features(
