@@ -38,6 +38,17 @@ def _run(commands: list[str], replace: dict[str, str]) -> None:
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
 
 
+def _run_python(marker: str, replace: dict[str, str]) -> str:
+    """Runs the README's Python block after `marker` (its folders replaced); its stdout."""
+    code = re.compile(r"```python\n(.*?)```", re.DOTALL).search(README, README.index(marker))[1]
+    for old, new in replace.items():
+        code = code.replace(old, new)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_the_set_up_commands_are_the_ci_commands():
     ci = (REPO / ".ci" / "run").read_text()
     [tests] = _block_after("**Tests**")
@@ -68,13 +79,9 @@ def test_the_demo_writes_what_the_readme_promises(demo):
 
 
 def test_the_python_example_runs_on_the_demo_run(demo):
-    start = README.index("<!-- tests/test_readme.py runs this block on the demo's run -->")
-    block = re.compile(r"```python\n(.*?)```", re.DOTALL).search(README, start)[1]
-    code = block.replace("/tmp/genclip_demo", str(demo))
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("(3, 112, 112)")
+    out = _run_python("<!-- tests/test_readme.py runs this block on the demo's run -->",
+                      {"/tmp/genclip_demo": str(demo)})
+    assert out.strip().endswith("(3, 112, 112)")
 
 
 def test_train_then_eval_on_another_target_then_predict(tmp_path):
@@ -135,13 +142,9 @@ def test_train_then_eval_on_another_target_then_predict(tmp_path):
     manifest = json.loads((root / "artifact" / "manifest.json").read_text())
     assert manifest["batch_size"] == 4 and "disc" in manifest["classes"]
     assert manifest["calibration"]["classes"]["disc"]["image_threshold"] == threshold_zero
-    start = README.index("<!-- tests/test_readme.py runs this serving example")
-    code = re.compile(r"```python\n(.*?)```", re.DOTALL).search(README, start)[1]
-    result = subprocess.run([sys.executable, "-c", code.replace("/tmp/genclip_try", str(root))],
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    out = _run_python("<!-- tests/test_readme.py runs this serving example",
+                      {"/tmp/genclip_try": str(root)})
+    served = dict(line.split(" ", 1) for line in out.strip().splitlines())
     decided = {r["image"]: r for r in rows}
     assert served.keys() == decided.keys()
     for name, line in served.items():
