@@ -207,9 +207,10 @@ class Model:
             return (lambda k, images: steps.predict(m.method, k["params"], k["clip_params"],
                                                     images, k["batch"])), inputs
         inputs["bank"] = jax.device_get(m.references.bank(name, keep_others=True))
-        spec = m.references.spec
+        spec, cfg = m.references.spec, m.references.cfg
         return (lambda k, images: fewshot.predict(m.method, spec, k["params"], k["clip_params"],
-                                                  images, k["batch"], k["bank"])), inputs
+                                                  images, k["batch"], k["bank"], float(cfg.weight),
+                                                  float(cfg.image_weight))), inputs
 
     def text_features(self, class_name: str | None = None) -> np.ndarray:
         """(2, D) [normal, abnormal] text features of the learned prompts (for `class_name`

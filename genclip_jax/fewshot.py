@@ -143,11 +143,10 @@ class PatchMethod(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """The static part of the fused inference (hashable: a jit static argument)."""
+    """The static part of the fused inference (hashable: a jit static argument). The weights
+    are traced instead: another `fewshot.weight` reuses the compiled step."""
 
     layers: tuple[int, ...]  # positions of `fewshot.layers` in the method's patch layers
-    weight: float  # fewshot.weight
-    image_weight: float  # fewshot.image_weight
     sigma: float  # the method's blur
     image_size: int
 
@@ -160,8 +159,8 @@ def make_spec(cfg: ml_collections.ConfigDict, method: PatchMethod) -> Spec:
         raise ValueError(f"fewshot.layers: {missing} are not patch layers of method "
                          f"{getattr(method, 'name', method)!r}, whose features hold the layers "
                          f"{list(have)}; pick among those (empty: all of them)")
-    return Spec(tuple(have.index(layer) for layer in chosen), float(cfg.weight),
-                float(cfg.image_weight), float(method.map_sigma), int(method.image_size))
+    return Spec(tuple(have.index(layer) for layer in chosen), float(method.map_sigma),
+                int(method.image_size))
 
 
 def memory_bank(patch_tokens: np.ndarray, chunk_rows: int) -> np.ndarray:
@@ -211,8 +210,8 @@ def nearest_distance(patch_tokens: jax.Array, bank: jax.Array) -> jax.Array:
     return distance.reshape(distance.shape[0], side, side)
 
 
-def fuse(out: Mapping[str, jax.Array], patch_tokens: jax.Array, bank: jax.Array, spec: Spec
-         ) -> dict[str, jax.Array]:
+def fuse(out: Mapping[str, jax.Array], patch_tokens: jax.Array, bank: jax.Array, spec: Spec,
+         weight: jax.Array | float, image_weight: jax.Array | float) -> dict[str, jax.Array]:
     """The method's zero-shot `out` with the few-shot map of `patch_tokens` (L, B, N, D, all the
     method's patch layers) fused in: `(1 - weight) * map + weight * few_shot` and
     `image_score + image_weight * max(few_shot)`; the few-shot map is upsampled to the image
@@ -220,17 +219,19 @@ def fuse(out: Mapping[str, jax.Array], patch_tokens: jax.Array, bank: jax.Array,
     grid = nearest_distance(patch_tokens[jnp.asarray(spec.layers)], bank)
     few = maps.gaussian_blur(maps.upsample(grid[..., None], spec.image_size)[..., 0], spec.sigma)
     return {
-        "anomaly_map": (1.0 - spec.weight) * out["anomaly_map"] + spec.weight * few,
-        "image_score": out["image_score"] + spec.image_weight * few.max(axis=(1, 2)),
+        "anomaly_map": (1.0 - weight) * out["anomaly_map"] + weight * few,
+        "image_score": out["image_score"] + image_weight * few.max(axis=(1, 2)),
     }
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def predict(method: PatchMethod, spec: Spec, params: Any, clip_params: Any, images: jax.Array,
-            batch: dict, bank: jax.Array) -> dict[str, jax.Array]:
+            batch: dict, bank: jax.Array, weight: jax.Array | float,
+            image_weight: jax.Array | float) -> dict[str, jax.Array]:
     """`steps.predict` with the class's memory `bank` fused in (`fuse`); one vision forward."""
     feats = method.encode_images(clip_params, images)
-    return fuse(method.predict(params, clip_params, feats, batch), feats.patch_tokens, bank, spec)
+    return fuse(method.predict(params, clip_params, feats, batch), feats.patch_tokens, bank, spec,
+                weight, image_weight)
 
 
 class References:
@@ -286,4 +287,5 @@ class References:
                 keep_others: bool = False) -> dict[str, jax.Array]:
         """The fused outputs of a batch whose images are all of `class_name`."""
         return predict(self.method, self.spec, params, self._clip_params, images, batch,
-                       self.bank(class_name, keep_others))
+                       self.bank(class_name, keep_others), float(self.cfg.weight),
+                       float(self.cfg.image_weight))

@@ -141,7 +141,9 @@ def test_the_fusion_follows_weight_and_image_weight(parts, data_root):
                                zero["image_score"] + 0.5 * peak, atol=1e-5)
     config = make_config(parts["method"], data_root, k=2, reference=str(data_root), weight=0.3,
                          image_weight=0.7)
+    compiled = fewshot.predict._cache_size()
     out = scores(config, data_root)
+    assert fewshot.predict._cache_size() == compiled  # the weights are traced: no new compile
     np.testing.assert_allclose(out["anomaly_map"],
                                0.7 * zero["anomaly_map"] + 0.3 * few["anomaly_map"], atol=1e-5)
     np.testing.assert_allclose(out["image_score"], zero["image_score"] + 0.7 * peak, atol=1e-5)

@@ -16,7 +16,7 @@ from genclip_jax import defaults, evaluate, fewshot, validate
 from genclip_jax.clip.model import CLIPConfig
 from genclip_jax.data import meta as meta_lib
 from genclip_jax.data import pipeline, synthetic
-from genclip_jax.methods import create_method
+from genclip_jax.methods import create_method, winclip
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,9 @@ def test_adaptation_holds_each_class_text_once_and_the_method_stays_stateless(da
     config = winclip_config(data_root)
     model = evaluate.load_model(config, "")
     method = model.method
+    compiled = winclip._ensemble_means._cache_size()
     adaptation = method.prepare_eval(model.clip_params, ["disc", "checker"], lambda name: None)
+    assert winclip._ensemble_means._cache_size() <= compiled + 1  # one compile for every class
     assert sorted(adaptation) == ["", "checker", "disc"]  # "": the generic word
     assert evaluate.adaptation_record(adaptation) == {  # class_names.json: no arrays
         "disc": {"word": "disc", "references": 0}, "checker": {"word": "checker", "references": 0},

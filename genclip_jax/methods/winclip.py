@@ -11,6 +11,7 @@ window memories), averaged into a few-shot map fused half-and-half with the zero
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -151,6 +152,15 @@ class ClassInputs:
     memory: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _ensemble_means(method: WinCLIP, clip_params: Any, normal: jax.Array, anomalous: jax.Array
+                    ) -> jax.Array:
+    """(2, D) the mean text features of the (P, T) token ids of each state. The ids are traced:
+    one compile serves every class (their prompt counts are the same)."""
+    encode = lambda ids: method.clip.apply({"params": clip_params}, ids, method=CLIP.encode_text)
+    return jnp.stack([encode(normal).mean(axis=0), encode(anomalous).mean(axis=0)])
+
+
 class WinCLIP(ConfigKeyed):
     """See `genclip_jax.methods` for the interface; `needs_training = False`: `init` is empty,
     and eval / predict run without a checkpoint.
@@ -198,9 +208,7 @@ class WinCLIP(ConfigKeyed):
         del params
         normal, anomalous = prompts.token_ids(self.cfg, self.word(class_name),
                                               self.clip_config.context_length)
-        encode = lambda ids: self.clip.apply({"params": clip_params}, jnp.asarray(ids),
-                                             method=CLIP.encode_text)
-        return jnp.stack([encode(normal).mean(axis=0), encode(anomalous).mean(axis=0)])
+        return _ensemble_means(self, clip_params, normal, anomalous)
 
     def encode_images(self, clip_params: Any, images: jax.Array) -> WindowFeatures:
         """Frozen: image, patch and window embeddings (all windows of a scale in one batch)."""
@@ -217,7 +225,7 @@ class WinCLIP(ConfigKeyed):
     ) -> ClassInputs:
         """A class's text embeddings and, with `fewshot.k` > 0, its reference memory (`memory`
         if given). "": the generic word, with the references' only class."""
-        text = np.asarray(steps.text_features(self, {}, clip_params, class_name or None))
+        text = np.asarray(self.text_features({}, clip_params, class_name or None))
         if self.k and memory is None:
             refs = fewshot.reference_images(self.fewshot_cfg, class_name, self.image_size)
             memory = memory_bank(jax.device_get(steps.encode_images(self, clip_params, refs)),
