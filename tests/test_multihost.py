@@ -12,7 +12,7 @@ import pytest
 from multihost_helpers import launch
 from train_helpers import tiny_config, write_dataset
 
-from genclip_jax import checkpoint, evaluate, train, train_eval
+from genclip_jax import checkpoint, evaluate, train_eval
 from genclip_jax.backbone import load_backbone
 from genclip_jax.methods import create_method
 
@@ -32,13 +32,19 @@ def data_root(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-def test_two_processes_match_one(data_root, tmp_path):
+@pytest.fixture(scope="module")
+def single(data_root, tmp_path_factory):
+    """(config, workdir) of the one-process run: trained and evaluated."""
     config = tiny_config(data_root)
     config.train.epochs = 1
     config.eval.heatmaps_per_class = 0
-    single = tmp_path / "single"
-    train_eval.train_and_evaluate(config, str(single))
+    workdir = tmp_path_factory.mktemp("single")
+    train_eval.train_and_evaluate(config, str(workdir))
+    return config, workdir
 
+
+def test_two_processes_match_one(data_root, single, tmp_path):
+    config, single = single
     multi = tmp_path / "multi"
     results = launch(multi, data_root, 2)
     for i, (output, code) in enumerate(results):
@@ -69,18 +75,15 @@ def test_processes_with_different_configs_stop_before_training(data_root, tmp_pa
         (tmp_path / "w" / "checkpoints").iterdir())
 
 
-def test_few_shot_eval_on_two_processes_matches_one(data_root, tmp_path):
+def test_few_shot_eval_on_two_processes_matches_one(data_root, single, tmp_path):
     """The references' bank is encoded over both processes' devices and replicated: the few-shot
-    tables equal the single-process ones."""
+    tables equal the single-process ones (both evaluate the one-process run)."""
     refs = tmp_path / "refs" / "disc"
     refs.mkdir(parents=True)
     for image in sorted((data_root / "disc" / "test" / "good").glob("*.png"))[:2]:
         shutil.copy(image, refs / image.name)
-    config = tiny_config(data_root)
-    config.train.epochs = 1
-    config.eval.heatmaps_per_class = 0
-    run = tmp_path / "run"
-    train.train(config, str(run))
+    config, run = single
+    config = config.copy_and_resolve_references()
     config.fewshot.k, config.fewshot.reference = 2, str(tmp_path / "refs")
     single = tmp_path / "single"
     evaluate.evaluate(config, str(run), out=str(single))
