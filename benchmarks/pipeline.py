@@ -1,4 +1,5 @@
-"""Images/s of the host input pipeline alone: PNG decode + PIL resize to 518 + CLIP normalise.
+"""Images/s of the host input pipeline alone: PNG decode + PIL resize to 518 (uint8 batches: the
+CLIP normalisation runs on device, in the vision tower).
 
 Writes the synthetic MVTec-layout set once at a realistic source size (700x700 PNGs, ~1 MB each
 like MVTec's) under /tmp, then times whole epochs of `pipeline.batches` per setting (one untimed

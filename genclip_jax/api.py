@@ -70,7 +70,8 @@ class Prediction:
 
 
 def _images_in(images: Any, image_size: int, normalized: bool) -> np.ndarray:
-    """(N, S, S, 3) float32 model input from user arrays (see `Model.predict`)."""
+    """(N, S, S, 3) model input from user arrays (see `Model.predict`): uint8 resized pixels
+    (normalised on device), or float32 already normalised with `normalized`."""
     array = np.asarray(images)
     if array.ndim == 3:
         array = array[None]
@@ -90,7 +91,7 @@ def _images_in(images: Any, image_size: int, normalized: bool) -> np.ndarray:
     elif array.dtype != np.uint8:
         raise ValueError(f"images: expected uint8, uint16 or float pixels, got {array.dtype}")
     pixels = array[..., 0] if array.shape[-1] == 1 else array
-    return np.stack([pipeline.image_transform(Image.fromarray(p), image_size) for p in pixels])
+    return np.stack([pipeline.resize_image(Image.fromarray(p), image_size) for p in pixels])
 
 
 class Model:
@@ -134,7 +135,7 @@ class Model:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             n = len(chunk)
-            pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), np.float32)
+            pad = np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)
             host = {"image": np.concatenate([chunk, pad]),
                     "valid": np.arange(self.batch_size) < n,
                     "cls_name": np.array([class_name or ""] * n + [""] * (len(pad)), object)}
@@ -191,12 +192,13 @@ class Model:
     def inference_step(
         self, class_name: str | None, rows: int
     ) -> tuple[Callable[[dict, jax.Array], dict], dict[str, Any]]:
-        """(step, inputs): the pure inference `predict` runs on `rows` normalised images of
-        `class_name` (None or "": no class), `step(inputs, images) -> {"anomaly_map",
-        "image_score"}`, and everything it takes besides the images, as numpy: "params",
-        "clip_params", "batch" (the method's `host_inputs` under this model's adaptation, and
-        `valid`) and, with few-shot references, the class's memory "bank". `genclip-jax export`
-        folds the inputs into constants ("batch" and "bank" change by class)."""
+        """(step, inputs): the pure inference `predict` runs on `rows` images (uint8 pixels or
+        normalised floats) of `class_name` (None or "": no class), `step(inputs, images) ->
+        {"anomaly_map", "image_score"}`, and everything it takes besides the images, as numpy:
+        "params", "clip_params", "batch" (the method's `host_inputs` under this model's
+        adaptation, and `valid`) and, with few-shot references, the class's memory "bank".
+        `genclip-jax export` folds the inputs into constants ("batch" and "bank" change by
+        class)."""
         m = self._inference
         name = class_name or ""
         host = {"valid": np.ones(rows, bool), "cls_name": np.array([name] * rows, object)}

@@ -79,7 +79,7 @@ def load_trained_params(
 
 
 def make_predict_fn(method) -> Callable:
-    """Jitted (params, clip_params, images, batch) -> {"anomaly_map", "image_score"}."""
+    """Jitted (params, clip_params, uint8 images, batch) -> {"anomaly_map", "image_score"}."""
     return functools.partial(steps.predict, method)
 
 
@@ -378,8 +378,8 @@ def write_heatmaps(
         {"value_range": list(value_range),
          "note": "every panel of this set shows the map on this range"}) + "\n")]
     for i, (anomaly_map, mask) in shown.items():
-        image = pipeline.image_transform(dataset.read(i).image, anomaly_map.shape[-1])
-        written.append(heatmaps.save_panel(out_dir / panels[i], pipeline.display_images(image),
+        image = pipeline.resize_image(dataset.read(i).image, anomaly_map.shape[-1])
+        written.append(heatmaps.save_panel(out_dir / panels[i], image,
                                            anomaly_map, mask, value_range))
     return written
 

@@ -4,8 +4,10 @@ The artifact folder holds three files:
   manifest.json        what the function takes and gives: method, input size S, batch size B,
                        platforms, classes, the run's config hash, thresholds, versions;
   inference.jax        the inference serialised with `jax.export` (StableHLO) for the named
-                       platforms: uint8 (B, S, S, 3) images in; the CLIP normalisation, the frozen
-                       backbone, maps, blur and scores inside; {"anomaly_map", "image_score"} out;
+                       platforms: uint8 (B, S, S, 3) images in; the CLIP normalisation (the
+                       vision tower's own, so the input path is `predict`'s bit for bit), the
+                       frozen backbone, maps, blur and scores inside; {"anomaly_map",
+                       "image_score"} out;
   weights.safetensors  every array the function takes besides the images.
 
 Constants are folded at export, for any method: the inference is traced once with the params,
@@ -50,7 +52,6 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 
 import genclip_jax
 from genclip_jax import api, calibrate, files, run_dir, validate
-from genclip_jax.data import pipeline
 from genclip_jax.methods import needs_training
 from genclip_jax.serving import FORMAT_VERSION, FUNCTION, MANIFEST, WEIGHTS
 
@@ -149,12 +150,6 @@ def fold_constants(
 
     return Folded(names, list(per_class), constants,
                   jaxpr_as_fun(ClosedJaxpr(staged, [])), jax.tree.structure(out_shape))
-
-
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 (B, S, S, 3) -> float32 CLIP-normalised, in `pipeline.normalize`'s order."""
-    x = images.astype(jnp.float32) / jnp.float32(255)
-    return (x - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
 
 
 def load_model(config: ml_collections.ConfigDict, workdir: str | None) -> api.Model:
@@ -289,7 +284,7 @@ def export(
     names = list(by_class)
     size = config.model.image_size
     step, first = by_class[names[0]]
-    folded = fold_constants(lambda known, x: step(known, normalize(x)), first,
+    folded = fold_constants(step, first,
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8), PER_CLASS)
     shared, _ = folded.constants(first)
     per_class = [folded.constants(inputs)[1] for _, inputs in by_class.values()]

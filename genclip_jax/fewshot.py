@@ -91,10 +91,10 @@ def chosen_files(cfg: ml_collections.ConfigDict, class_names: Sequence[str]
 def reference_images(
     cfg: ml_collections.ConfigDict, class_name: str, image_size: int
 ) -> np.ndarray:
-    """(k, S, S, 3) CLIP-normalised reference images of `class_name` per `cfg` (`fewshot.*`)."""
+    """(k, S, S, 3) uint8 resized reference images of `class_name` per `cfg` (`fewshot.*`)."""
     paths = reference_paths(cfg.reference, cfg.split)
     chosen = select(paths, class_name, cfg.k, cfg.reference, cfg.seed)
-    return np.stack([pipeline.image_transform(pipeline.read_image(p), image_size, str(p))
+    return np.stack([pipeline.resize_image(pipeline.read_image(p), image_size, str(p))
                      for p in chosen])
 
 
@@ -261,7 +261,7 @@ class References:
         """(L, k, N, D) patch tokens of all few-shot layers of `images` (k, S, S, 3), encoded
         in global batches of the evaluation's size (every host holds all k images)."""
         k, size = len(images), self._batch_size
-        padded = np.zeros((-(-k // size) * size, *images.shape[1:]), np.float32)
+        padded = np.zeros((-(-k // size) * size, *images.shape[1:]), images.dtype)
         padded[:k] = images
         layers = np.asarray(self.spec.layers)
         parts = []

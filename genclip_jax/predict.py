@@ -235,7 +235,7 @@ def predict_folder(
                 rows = {"image_score": outputs["image_score"], "index": outputs["index"],
                         "valid": outputs["valid"], "read": outputs["valid"],
                         "pixel_max": pixel_max, "pixel_min": pixel_min}
-                shown = pipeline.display_images(host_batch["image"])
+                shown = host_batch["image"]  # the uint8 pixels the model saw
                 if spill is not None:
                     for r in np.flatnonzero(host_batch["valid"]):
                         spill.store(int(host_batch["index"][r]), local["anomaly_map"][r],

@@ -16,13 +16,14 @@ from genclip_jax.clip.vision import VisionFeatures
 
 @functools.partial(jax.jit, static_argnums=0)
 def encode_images(method, clip_params, images: jax.Array) -> VisionFeatures:
-    """The frozen vision features of normalised images (B, S, S, 3)."""
+    """The frozen vision features of images (B, S, S, 3): uint8 pixels or normalised floats."""
     return method.encode_images(clip_params, images)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def predict(method, params, clip_params, images: jax.Array, batch: dict) -> dict:
-    """{"anomaly_map": (B, S, S), "image_score": (B,)} of normalised images (B, S, S, 3)."""
+    """{"anomaly_map": (B, S, S), "image_score": (B,)} of images (B, S, S, 3) (uint8 pixels or
+    normalised floats)."""
     return method.predict(params, clip_params, method.encode_images(clip_params, images), batch)
 
 

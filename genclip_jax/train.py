@@ -68,18 +68,20 @@ def create_train_state(method, tx: optax.GradientTransformation, seed: int) -> T
 
 
 def make_encode_fn(method):
-    """Jitted frozen vision forward: (clip_params, images) -> VisionFeatures."""
+    """Jitted frozen vision forward: (clip_params, uint8 images) -> VisionFeatures."""
     return functools.partial(steps.encode_images, method)
 
 
 def make_update_fn(method, tx: optax.GradientTransformation):
     """Jitted (state, clip_params, feats, batch) -> (state, metrics) training update on given
-    features; donates the old state's buffers."""
+    features (the batch's mask as the pipeline gives it, bool; the loss sees it as float32);
+    donates the old state's buffers."""
     return functools.partial(_update, method, tx)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
 def _update(method, tx, state: TrainState, clip_params, feats: VisionFeatures, batch: dict):
+    batch = {**batch, "mask": batch["mask"].astype(jnp.float32)}  # bool from the host pipeline
     loss_fn = lambda p: method.loss(p, clip_params, feats, batch)
     (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -2,12 +2,16 @@
 
 import threading
 
+import jax
 import numpy as np
 import pytest
 from make_torch_goldens import PIPELINE_SIZE, reference
 from PIL import Image
 
+from genclip_jax.clip import preprocess
 from genclip_jax.data import pipeline, synthetic
+
+model_input = jax.jit(preprocess.model_input)  # what the vision tower does to a batch's images
 
 S = 32  # output size used in these tests
 
@@ -29,7 +33,8 @@ def root(tmp_path_factory):
 
 def test_load_matches_reference_transform_exactly(tmp_path):
     """specs §1 as PIL + torch's ToTensor/Normalize computed it (tests/make_torch_goldens.py)
-    for a non-square image and its mask, through `Dataset.load`: bit-identical."""
+    for a non-square image and its mask, through `Dataset.load` and the on-device
+    normalisation: bit-identical."""
     ref = reference()
     Image.fromarray(ref["pipeline.image"]).save(tmp_path / "img.png")
     Image.fromarray(ref["pipeline.mask"].astype(np.uint8) * 255).save(tmp_path / "mask.png")
@@ -41,8 +46,10 @@ def test_load_matches_reference_transform_exactly(tmp_path):
     assert 0 < ref["pipeline.ref_mask"].sum() < size * size  # the mask survives the resize
     for i, want_mask in ((0, np.zeros((size, size), np.float32)), (1, ref["pipeline.ref_mask"])):
         sample = dataset.load(i, size)
-        assert sample["image"].dtype == np.float32 and sample["image"].shape == (size, size, 3)
-        np.testing.assert_array_equal(sample["image"], ref["pipeline.ref_image"])
+        assert sample["image"].dtype == np.uint8 and sample["image"].shape == (size, size, 3)
+        assert sample["mask"].dtype == bool
+        np.testing.assert_array_equal(model_input(sample["image"][None])[0],
+                                      ref["pipeline.ref_image"])
         np.testing.assert_array_equal(sample["mask"], want_mask)
 
 
@@ -79,7 +86,8 @@ def test_image_modes(tmp_path):
     palette = Image.fromarray(rgb).quantize(16)
     expected = np.asarray(palette.convert("RGB").resize((S, S), Image.NEAREST), np.float32) / 255
     np.testing.assert_allclose(
-        load(palette, "p.png"), (expected - pipeline.CLIP_MEAN) / pipeline.CLIP_STD, atol=1e-6
+        load(palette, "p.png"), (expected - preprocess.CLIP_MEAN) / preprocess.CLIP_STD,
+        atol=1e-6
     )
 
 
@@ -160,7 +168,7 @@ def test_skip_unreadable_turns_a_nan_image_into_an_invalid_row(tmp_path):
     (batch,) = pipeline.batches(dataset, _plan(dataset, 2), skip_unreadable=True, **kwargs)
     assert batch["valid"].tolist() == [True, False] and batch["index"].tolist() == [0, 1]
     assert batch["img_path"].tolist() == ["a.png", ""] and not batch["image"][1].any()
-    np.testing.assert_array_equal(batch["image"][0], pipeline.image_transform(good, S))
+    np.testing.assert_array_equal(model_input(batch["image"])[0], pipeline.image_transform(good, S))
     with pytest.raises(ValueError, match=r"b\.tif: float image has 1 non-finite"):
         list(pipeline.batches(dataset, _plan(dataset, 2), **kwargs))
 
@@ -275,8 +283,8 @@ def test_batches_padding_and_keys(root):
     assert last["has_mask"].tolist() == [True, True, False]  # padding has no pixel labels
     assert not last["image"][2].any() and last["img_path"][2] == ""
     assert {k: (v.dtype, v.shape) for k, v in out[0].items()} == {
-        "image": (np.float32, (3, S, S, 3)),
-        "mask": (np.float32, (3, S, S)),
+        "image": (np.uint8, (3, S, S, 3)),
+        "mask": (np.bool_, (3, S, S)),
         "label": (np.int32, (3,)),
         "has_mask": (np.bool_, (3,)),
         "valid": (np.bool_, (3,)),
@@ -287,6 +295,17 @@ def test_batches_padding_and_keys(root):
     }
     np.testing.assert_array_equal(out[1]["image"][0], dataset.load(3, S)["image"])
     assert out[1]["label"][0] == dataset.read(3).label
+
+
+def test_device_normalised_batches_are_the_host_transform_bit_for_bit(root):
+    """What the model sees of a batch (uint8 pixels, normalised on device) is `image_transform`
+    of each file: same float32 bits."""
+    dataset = pipeline.Dataset.from_meta(root)
+    for batch in pipeline.batches(dataset, _plan(dataset, 4), image_size=S):
+        want = np.stack([pipeline.image_transform(dataset.read(int(i)).image, S)
+                         for i in batch["index"]])
+        got = np.asarray(model_input(batch["image"]))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_shuffle_is_deterministic_per_seed_and_epoch():

@@ -109,12 +109,17 @@ def test_predict_skips_unreadable_files_with_one_warning(data_root, tmp_path, mo
     )
 
 
-def test_display_images_invert_the_transform(data_root):
-    source = sorted((data_root / "disc" / "test").rglob("*.png"))[0]
-    image = Image.open(source)
-    shown = pipeline.display_images(pipeline.image_transform(image, 56))
+def test_eval_panels_show_the_pixels_the_model_saw(data_root, tmp_path):
+    meta = meta_lib.read_meta(data_root / "meta.json", root=data_root)
+    entries = meta_lib.split_entries(meta, "test")
+    dataset = pipeline.Dataset.from_entries(data_root, entries)
+    shown = {0: (np.zeros((56, 56), np.float32), None)}
+    written = evaluate.write_heatmaps(tmp_path, dataset, entries, shown, (0.0, 1.0))
+    panel = np.asarray(Image.open(written[-1]))
+    image = Image.open(data_root / entries[0]["img_path"])
     expected = np.asarray(image.resize((56, 56), Image.BICUBIC).convert("RGB"))
-    np.testing.assert_array_equal(shown, expected)
+    np.testing.assert_array_equal(panel[:, :56], expected)
+    np.testing.assert_array_equal(panel[:, :56], dataset.load(0, 56)["image"])
 
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_helpers import (
@@ -20,7 +21,7 @@ from train_helpers import (
     write_dataset,
 )
 
-from genclip_jax import evaluate, train
+from genclip_jax import defaults, evaluate, train
 from genclip_jax.data import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -137,3 +138,32 @@ def test_killed_training_resumes_bit_for_bit(reference, data_root, tmp_path):
     expected = reference[1] if done == 1 else _final_state(config, tmp_path / "uninterrupted")
     assert int(state.step) == 2 * (done + 1)
     assert_trees_equal(state.params, expected.params)
+
+
+
+class _MaskProbe:
+    """A method whose loss is a weight times the mean of the mask; it records the mask's dtype."""
+
+    def __init__(self):
+        self.seen = []
+
+    def init(self, rng):
+        del rng
+        return {"w": jnp.float32(1.0)}
+
+    def loss(self, params, clip_params, feats, batch):
+        del clip_params, feats
+        self.seen.append(batch["mask"].dtype)
+        total = params["w"] * jnp.mean(batch["mask"] * 1.0)
+        return total, {"total": total, "local": total, "ce": total}
+
+
+def test_the_train_step_gives_the_loss_the_pipeline_mask_as_float32():
+    """Batches carry bool masks (a quarter of float32's bytes); the loss is written for floats."""
+    mask = np.zeros((2, 4, 4), bool)
+    mask[0, :2] = True  # a quarter of the pixels
+    method, tx = _MaskProbe(), train.make_optimizer(defaults.base_config().train)
+    state = train.create_train_state(method, tx, 0)
+    _, metrics = train.make_update_fn(method, tx)(state, {}, {}, {"mask": mask})
+    assert method.seen == [jnp.float32]
+    assert float(metrics.compute()["loss"]) == 0.25

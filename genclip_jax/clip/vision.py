@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genclip_jax.clip.preprocess import model_input
 from genclip_jax.clip.transformer import LayerNorm, ResidualBlock
 
 Dtype = Any
@@ -135,8 +136,9 @@ class VisionTransformer(nn.Module):
         self.proj = self.param("proj", nn.initializers.normal(w**-0.5), (w, self.output_dim))
 
     def embed(self, images: jax.Array) -> jax.Array:
-        """(B, H, W, 3) normalised images -> (B, 1 + h*w, width) tokens: CLS and patches with
-        their positional embeddings, before ln_pre. H and W are multiples of `patch_size`."""
+        """(B, H, W, 3) images -> (B, 1 + h*w, width) tokens: CLS and patches with their
+        positional embeddings, before ln_pre. H and W are multiples of `patch_size`. Images are
+        uint8 pixels, normalised here (`preprocess.model_input`), or CLIP-normalised floats."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images: expected shape (B, H, W, 3), got {tuple(images.shape)}")
         _, h, w, _ = images.shape
@@ -145,7 +147,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"images: height and width must be multiples of the patch size {p}, got {h}x{w}"
             )
-        x = self.conv1(images.astype(self.dtype))
+        x = self.conv1(model_input(images).astype(self.dtype))
         b, gh, gw, _ = x.shape
         x = x.reshape(b, gh * gw, self.width)
         cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (b, 1, self.width))
@@ -162,7 +164,8 @@ class VisionTransformer(nn.Module):
         hidden_layers: Sequence[int] = (),
         hidden_stream: str = "vanilla",
     ) -> VisionFeatures:
-        """Encodes normalised images (B, H, W, 3); H and W multiples of `patch_size`.
+        """Encodes images (B, H, W, 3) (uint8 pixels or normalised floats, see `embed`); H and
+        W multiples of `patch_size`.
 
         `hidden_stream` picks the stream averaged for `hidden_mean`: "vanilla" (standard CLIP) or
         "vv" (the V-V stream at DPAM layers, the vanilla one below them).
@@ -221,7 +224,7 @@ class VisionTransformer(nn.Module):
         """WinCLIP's embeddings of the whole image, of its patches and of windows of patches.
 
         Args:
-          images: (B, H, W, 3) normalised.
+          images: (B, H, W, 3) uint8 pixels or normalised floats (see `embed`).
           windows: per scale an int array (n_windows, s*s) of 0-based patch indices (row-major
             on the h x w grid). Each window is CLS + its patch tokens (taken after the positional
             embedding) run through ln_pre, every block and ln_post as a sequence of its own; all

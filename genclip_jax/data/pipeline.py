@@ -1,8 +1,11 @@
-"""Host input pipeline: decode with PIL, resize/normalise exactly as the reference, batch, shard.
+"""Host input pipeline: decode with PIL, resize exactly as the reference, batch, shard.
 
 Transforms (specs §1): image -> PIL `resize((S, S), BICUBIC)` in its own mode -> RGB -> /255 ->
 CLIP mean/std; mask -> 'L' 0/255 from `mask > 0` -> `resize((S, S), BILINEAR)` -> /255 -> `> 0.5`.
-Both done with PIL on the host so maps match the PyTorch reference bit for bit.
+The resizes run with PIL on the host; batches carry the resized uint8 pixels, and the vision tower
+does the /255 and mean/std on device (`clip.preprocess.model_input`, bit-identical to the host's
+`normalize`, which `image_transform` applies), so maps match the PyTorch reference bit for bit
+while host memory and transfers hold a quarter of float32's bytes.
 
 Input rules (each violation raises an error naming the file):
   * an image that does not decode fully (corrupt, truncated, not an image) -> ValueError;
@@ -26,12 +29,12 @@ Input rules (each violation raises an error naming the file):
     would clip or round them); a float mask holding NaN is an error.
 
 Batches (dicts of numpy arrays, leading axis = this host's rows):
-  image (b, S, S, 3) float32 (left out with `with_images=False`), mask (b, S, S) float32 in
-  {0, 1}, label (b,) int32, has_mask (b,) bool (False: a defect without a mask, and padding),
-  valid (b,) bool, index (b,) int32 (position in the dataset, -1 for padding), cls_name /
-  specie_name / img_path (b,) str. The global batch of `batch_size` rows is split over hosts,
-  host h taking rows [h*b, (h+1)*b) with b = batch_size / process_count, so the union over hosts
-  of one step is the single-host global batch. The last batch is padded (zero image,
+  image (b, S, S, 3) uint8 resized pixels, not normalised (left out with `with_images=False`),
+  mask (b, S, S) bool, label (b,) int32, has_mask (b,) bool (False: a defect without a mask, and
+  padding), valid (b,) bool, index (b,) int32 (position in the dataset, -1 for padding),
+  cls_name / specie_name / img_path (b,) str. The global batch of `batch_size` rows is split
+  over hosts, host h taking rows [h*b, (h+1)*b) with b = batch_size / process_count, so the union
+  over hosts of one step is the single-host global batch. The last batch is padded (zero image,
   valid=False), never dropped. With `skip_unreadable` a sample that fails to load becomes a
   padding row that keeps its index (valid=False, index >= 0) instead of stopping the run.
 """
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import io
 import os
 import pathlib
@@ -53,10 +55,9 @@ import jax
 import numpy as np
 from PIL import Image
 
+from genclip_jax.clip.preprocess import normalize
 from genclip_jax.data import meta as meta_lib
 
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 DEFAULT_IMAGE_SIZE = 518
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Float ranges in the order they are tried: (upper end, scale to 8 bits).
@@ -169,13 +170,6 @@ def mask_array(mask: Image.Image, name: str) -> np.ndarray:
     return np.asarray(mask.convert("L")) > 0
 
 
-@functools.lru_cache(maxsize=4)
-def _flat_mean_std(image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    # Tiled to the flat image: numpy broadcasting over a last axis of 3 is ~15x slower.
-    pixels = image_size * image_size
-    return np.tile(CLIP_MEAN, pixels), np.tile(CLIP_STD, pixels)
-
-
 def resize_image(
     image: Image.Image, image_size: int = DEFAULT_IMAGE_SIZE, name: str = "image"
 ) -> np.ndarray:
@@ -183,18 +177,6 @@ def resize_image(
     before normalisation; training augmentations act here)."""
     resized = to_8bit(image, name).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
     return np.asarray(resized)
-
-
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """(S, S, 3) uint8 -> float32 CLIP-normalised, in the float32 operations and order of torch's
-    ToTensor + Normalize: bit-identical."""
-    size = pixels.shape[0]
-    mean, std = _flat_mean_std(size)
-    x = np.array(pixels, np.float32).reshape(-1)
-    x /= np.float32(255)
-    x -= mean
-    x /= std
-    return x.reshape(size, size, 3)
 
 
 def image_transform(
@@ -207,20 +189,13 @@ def image_transform(
     return normalize(resize_image(image, image_size, name))
 
 
-def display_images(images: np.ndarray) -> np.ndarray:
-    """Inverse of `image_transform`: (..., S, S, 3) normalised float -> uint8, exactly the pixels
-    the model saw (the normalisation moves values far less than the 0.5 of the rounding)."""
-    pixels = (images * CLIP_STD + CLIP_MEAN) * 255
-    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
-
-
 def mask_transform(mask: np.ndarray | None, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-    """(S, S) float32 {0, 1} mask: 'L' 0/255 -> PIL BILINEAR resize -> /255 -> > 0.5."""
+    """(S, S) bool mask: 'L' 0/255 -> PIL BILINEAR resize -> /255 -> > 0.5."""
     if mask is None:
-        return np.zeros((image_size, image_size), np.float32)
+        return np.zeros((image_size, image_size), bool)
     as_l = Image.fromarray(mask.astype(np.uint8) * 255)
     resized = np.asarray(as_l.resize((image_size, image_size), Image.BILINEAR))
-    return (resized > 127).astype(np.float32)  # uint8 v: v / 255 > 0.5 <=> v > 127
+    return resized > 127  # uint8 v: v / 255 > 0.5 <=> v > 127
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,9 +333,10 @@ class Dataset:
         self, i: int, image_size: int = DEFAULT_IMAGE_SIZE, with_image: bool = True,
         synthesize: Synthesize | None = None,
     ) -> dict:
-        """Sample i transformed: image (S, S, 3) (unless `with_image` is False), mask (S, S),
-        label, has_mask, and its metadata. `synthesize` may paste a defect on a normal sample
-        (after the resize, before normalisation): its mask and label 1 replace the sample's."""
+        """Sample i transformed: image (S, S, 3) uint8 resized pixels (unless `with_image` is
+        False; the model normalises them on device), mask (S, S) bool, label, has_mask, and its
+        metadata. `synthesize` may paste a defect on a normal sample (after the resize): its mask
+        and label 1 replace the sample's."""
         raw = self.read(i, with_image)
         sample = {
             "mask": mask_transform(raw.mask, image_size),
@@ -375,9 +351,8 @@ class Dataset:
             made = synthesize(i, pixels) if synthesize is not None and raw.label == 0 else None
             if made is not None:
                 pixels, mask, kind = made
-                sample.update(mask=mask.astype(np.float32), label=1, has_mask=True,
-                              specie_name=kind)
-            sample["image"] = normalize(pixels)
+                sample.update(mask=mask.astype(bool), label=1, has_mask=True, specie_name=kind)
+            sample["image"] = pixels
         return sample
 
 
@@ -501,14 +476,14 @@ def _collate(
     """Stacks samples; a None sample is padding (zeros, valid=False)."""
     b = len(samples)
     batch = {
-        "mask": np.zeros((b, image_size, image_size), np.float32),
+        "mask": np.zeros((b, image_size, image_size), bool),
         "label": np.zeros((b,), np.int32),
         "has_mask": np.zeros((b,), bool),
         "valid": np.array([s is not None for s in samples]),
         "index": indices.astype(np.int32),
     }
     if with_images:
-        batch["image"] = np.zeros((b, image_size, image_size, 3), np.float32)
+        batch["image"] = np.zeros((b, image_size, image_size, 3), np.uint8)
     for r, s in enumerate(samples):
         if s is not None:
             for key in s.keys() & {"image", "mask", "label", "has_mask"}:

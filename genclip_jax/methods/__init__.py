@@ -33,11 +33,13 @@ class Method(Protocol):
 
     The frozen vision forward (`encode_images`) is apart from what uses the learnable params
     (`loss`, `predict`), so training can cache its output. Every array argument of the jitted
-    calls is a global batch: images (B, S, S, 3) CLIP-normalised, `batch` the numeric fields of
-    a host batch (mask (B, S, S), label (B,), valid (B,), plus `host_inputs`). A method holds no
-    state beyond its config: what evaluation adapts is returned, and passed back in. Jitted steps
-    take the method as a static argument, so methods that compare equal must compute the same
-    (the built-in ones compare by config, `methods.config_key`; by default, by identity).
+    calls is a global batch: images (B, S, S, 3) uint8 pixels (the vision tower normalises them:
+    `clip.preprocess.model_input`) or CLIP-normalised floats, `batch` the numeric fields of a host
+    batch (mask (B, S, S): bool, float32 in `loss`; label (B,), valid (B,), plus `host_inputs`).
+    A method holds no state beyond its config: what evaluation adapts is returned, and passed back
+    in. Jitted steps take the method as a static argument, so methods that compare equal must
+    compute the same (the built-in ones compare by config, `methods.config_key`; by default, by
+    identity).
     """
 
     name: str
