@@ -33,6 +33,7 @@ from genclip_jax import (
     fewshot,
     files,
     heatmaps,
+    host_memory,
     metrics,
     parallel,
     run_dir,
@@ -358,6 +359,7 @@ def stream_classes(
                 current.results[key][j] = rows[key][r]
             remaining[cls] -= 1
             if not remaining[cls]:
+                del current  # the consumer's reference is then the only one
                 yield open_classes.pop(cls)
     if lead:
         yield low, high
@@ -496,6 +498,7 @@ def evaluate(
         rows[item.name] = class_row(item.results, config, item.name)
         shown.update(item.shown)
         del item  # else its maps stay alive while the next class fills
+        host_memory.release_free_memory()  # the next class fills pages, not fragments
     rows = drop_counts_unless_needed(rows)
     write_results(config, model, target, rows, shown, value_range)
     return rows
