@@ -15,14 +15,16 @@ import pathlib
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
-# The slowest modules first (seconds on 2 cores, 2026-12): pytest-xdist hands whole modules to
-# its two workers in this order, so neither is left alone with a long one at the end.
+# The slowest modules first (by their seconds on 2 cores with a cold XLA cache, 2026-12-03):
+# pytest-xdist hands whole modules to its two workers in this order, so neither is left alone
+# with a long one at the end.
 SLOW_FIRST = (
-    "test_multihost_recovery", "test_readme", "test_multihost", "test_winclip", "test_fewshot",
-    "test_api", "test_export", "test_readme_own_data", "test_anomalyclip_parity", "test_genclip",
-    "test_run_lifecycle", "test_train_e2e", "test_faults", "test_ablate", "test_compile_once",
-    "test_protocol", "test_cli", "test_winclip_parity", "test_maps_losses", "test_bfloat16",
-    "test_missing_masks", "test_evaluate", "test_clip_parity", "test_weights",
+    "test_readme", "test_fewshot", "test_winclip", "test_multihost_recovery",
+    "test_readme_own_data", "test_multihost", "test_api", "test_export", "test_ablate",
+    "test_compile_once", "test_genclip", "test_anomalyclip_parity", "test_cli", "test_protocol",
+    "test_faults", "test_bfloat16", "test_missing_masks", "test_train_e2e", "test_evaluate",
+    "test_anomaly_synthesis", "test_maps_losses", "test_folder_layout", "test_forward_fast_paths",
+    "test_convert", "test_cnf", "test_clip_parity",
 )
 
 
