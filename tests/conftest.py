@@ -19,12 +19,12 @@ DATA_DIR = pathlib.Path(__file__).parent / "data"
 # pytest-xdist hands whole modules to its two workers in this order, so neither is left alone
 # with a long one at the end.
 SLOW_FIRST = (
-    "test_readme", "test_fewshot", "test_winclip", "test_multihost_recovery",
-    "test_readme_own_data", "test_multihost", "test_api", "test_export", "test_ablate",
-    "test_compile_once", "test_genclip", "test_anomalyclip_parity", "test_cli", "test_protocol",
-    "test_faults", "test_bfloat16", "test_missing_masks", "test_train_e2e", "test_evaluate",
-    "test_anomaly_synthesis", "test_maps_losses", "test_folder_layout", "test_forward_fast_paths",
-    "test_convert", "test_cnf", "test_clip_parity",
+    "test_readme", "test_readme_own_data", "test_fewshot", "test_multihost_recovery",
+    "test_multihost", "test_winclip", "test_readme_winclip", "test_api", "test_export",
+    "test_ablate", "test_compile_once", "test_genclip", "test_anomalyclip_parity", "test_cli",
+    "test_protocol", "test_faults", "test_bfloat16", "test_missing_masks", "test_train_e2e",
+    "test_evaluate", "test_anomaly_synthesis", "test_maps_losses", "test_folder_layout",
+    "test_forward_fast_paths", "test_convert", "test_cnf", "test_clip_parity",
 )
 
 
